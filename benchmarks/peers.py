@@ -1,0 +1,45 @@
+"""What users would otherwise run for the Sinkhorn loss, as method.md describes it.
+
+Both take full-length batches ``x`` [B, M, K] and ``y`` [B, N, K] and compute what
+``torch.ops.mlot.sinkhorn_loss`` computes with ``p=1`` and the given options
+(tests/test_benchmark_peers.py checks that), so the benchmarks compare equal work.
+"""
+
+import torch
+
+
+def released_loop(x, y, epsilon=0.1, n_iters=20, temperature=2.0):
+    """The released MultiLevelOT code's Sinkhorn, unit marginals, probability domain.
+
+    One sequence at a time: ``A = softmax(x[b]/T)``, ``W = cdist(A, Bm, p=1)``,
+    ``K = exp(-W/eps)``, then ``n_iters`` times row then column normalisation, and
+    ``sum(K * W)``; autograd through every step. Returns [B].
+    """
+    losses = []
+    for b in range(x.shape[0]):
+        a = torch.softmax(x[b] / temperature, dim=-1)
+        c = torch.softmax(y[b] / temperature, dim=-1)
+        w = torch.cdist(a, c, p=1)
+        k = torch.exp(-w / epsilon)
+        for _ in range(n_iters):
+            k = k / k.sum(1, keepdim=True)
+            k = k / k.sum(0, keepdim=True)
+        losses.append((k * w).sum())
+    return torch.stack(losses)
+
+
+def batched_log_domain(x, y, epsilon=0.1, n_iters=20, temperature=2.0, unit_marginals=True):
+    """Batched log-domain Sinkhorn in eager PyTorch (L1 cost), autograd through every step."""
+    a = torch.softmax(x / temperature, dim=-1)
+    c = torch.softmax(y / temperature, dim=-1)
+    cost = (a[:, :, None, :] - c[:, None, :, :]).abs().sum(-1)  # [B, M, N]
+    m, n = cost.shape[1], cost.shape[2]
+    log_a = 0.0 if unit_marginals else -torch.log(torch.tensor(float(m)))
+    log_b = 0.0 if unit_marginals else -torch.log(torch.tensor(float(n)))
+    f = cost.new_zeros(cost.shape[0], m)
+    g = cost.new_zeros(cost.shape[0], n)
+    for _ in range(n_iters):
+        f = epsilon * log_a - epsilon * torch.logsumexp((g[:, None, :] - cost) / epsilon, dim=2)
+        g = epsilon * log_b - epsilon * torch.logsumexp((f[:, :, None] - cost) / epsilon, dim=1)
+    plan = torch.exp((f[:, :, None] + g[:, None, :] - cost) / epsilon)
+    return (plan * cost).sum((1, 2))

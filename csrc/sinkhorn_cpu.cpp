@@ -1,0 +1,721 @@
+// CPU kernels of mlot::sinkhorn_forward and mlot::sinkhorn_backward.
+//
+// One problem b has m = x_lengths[b] rows of x[b] and n = y_lengths[b] rows of y[b]:
+//
+//   a_i  = softmax(x_i / T)  (x_i itself when T == 0),  c_j likewise
+//   C_ij = sum_l |a_il - c_jl|^p
+//   la = lb = 0 (unit marginals), else la = -log m, lb = -log n
+//   f = g = 0, then n_iters times
+//     f_i = eps*la - eps*LSE_j((g_j - C_ij)/eps)
+//     g_j = eps*lb - eps*LSE_i((f_i - C_ij)/eps)
+//   P_ij = exp((f_i + g_j - C_ij)/eps),   loss = sum_ij P_ij C_ij   (0 when m or n is 0)
+//
+// The iterations run in the scaling form with absorption (Schmitzer, "Stabilized
+// sparse scaling algorithms for entropy regularized transport problems", 2019),
+// which computes the same numbers with one exp per entry per absorption instead
+// of one per entry per half-iteration:
+//
+//   f = alpha + eps*log u,  g = beta + eps*log v,  G_ij = exp((alpha_i + beta_j - C_ij)/eps)
+//   f-step: r_i = sum_j G_ij v_j,  log u_i = la - log r_i     (a matrix-vector product)
+//   g-step: s_j = sum_i G_ij u_i,  log v_j = lb - log s_j
+//
+// Stability rules (Stab<T> below holds the thresholds):
+//   - a sum r_i (s_j) that is not finite or below `sum_floor` is not trusted: that
+//     row (column) is computed exactly in the log domain instead;
+//   - when some |log u_i| or |log v_j| exceeds `tau`, the scalings are absorbed:
+//     alpha = f, beta = g, u = v = 1, and G is recomputed.
+// Right after an absorption G <= 1 (f_i + g_j - C_ij <= eps*la <= 0 by the
+// definition of f), entries below the float range are dropped, and u, v stay
+// in [e^-tau, e^tau]: the dropped mass per sum is below n * FLT_MIN * e^tau, far
+// under sum_floor times the float32 resolution, so the trusted sums are exact
+// to rounding.
+//
+// Backward (the exact derivative of the computed loss through every iteration):
+// with the adjoints fbar, gbar and Cbar = dloss/dC,
+//   loss:       Cbar = P (1 - C/eps),  fbar_i = sum_j P_ij C_ij / eps,  gbar_j = sum_i P_ij C_ij / eps
+//   g-step t:   pi^g_ij = exp((f^t_i + g^t_j - C_ij)/eps - lb)      (columns sum to 1)
+//               fbar^t -= pi^g gbar^t,    Cbar += pi^g diag(gbar^t)
+//   f-step t:   pi^f_ij = exp((f^t_i + g^{t-1}_j - C_ij)/eps - la)  (rows sum to 1)
+//               gbar^{t-1} = -pi^f^T fbar^t,   Cbar += diag(fbar^t) pi^f
+//   detach_plan: Cbar = P and nothing else.
+// Every pi is G_ij * U_i * V_j for the current reference (alpha, beta), so each
+// step is a matrix-vector product, and the Cbar updates are rank-1 factors
+// buffered and added in one pass (PlanGradient). The reference is re-based onto
+// the step's own potentials when a scaling leaves [e^-tau, e^tau]. Finally
+//   abar_il = sum_j Cbar_ij * p|a_il - c_jl|^(p-1) sign(a_il - c_jl),  cbar likewise
+// (sign(0) = 0), and back through the softmax when T > 0.
+// Work per problem: O(m n K) for the cost and its gradient, O(m n) per
+// half-iteration; memory O(m n) scratch per thread plus the saved potentials.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "sinkhorn.h"
+#include "vec_math.h"
+
+namespace mlot {
+namespace {
+
+template <typename T>
+struct Stab;
+template <>
+struct Stab<float> {
+  static constexpr float tau = 30.0f;
+  static constexpr float sum_floor = 1e-12f;
+};
+template <>
+struct Stab<double> {
+  static constexpr double tau = 200.0;
+  static constexpr double sum_floor = 1e-180;
+};
+
+// Carves the scratch arrays of one problem out of one tensor (visible to the
+// allocator and so to memory profiling).
+template <typename T>
+class Arena {
+ public:
+  explicit Arena(int64_t numel)
+      : buffer_(at::empty({numel}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))),
+        next_(buffer_.data_ptr<T>()),
+        end_(next_ + numel) {}
+  T* take(int64_t numel) {
+    TORCH_INTERNAL_ASSERT(next_ + numel <= end_, "Arena: scratch size undercounted");
+    T* out = next_;
+    next_ += numel;
+    return out;
+  }
+
+ private:
+  at::Tensor buffer_;
+  T* next_;
+  T* end_;
+};
+
+// ---------------------------------------------------------------- vectors and cost
+
+// out_i = softmax(in_i / temperature) (in_i when temperature == 0) for rows 0..rows-1.
+template <typename T>
+void load_rows(const T* in, int64_t rows, int64_t K, double temperature, T* out) {
+  if (temperature == 0) {
+    std::copy(in, in + rows * K, out);
+    return;
+  }
+  const T inv_t = T(1) / T(temperature);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = in + i * K;
+    T* o = out + i * K;
+    T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t l = 0; l < K; ++l) mx = std::max(mx, row[l]);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t l = 0; l < K; ++l) {
+      o[l] = exp_simd((row[l] - mx) * inv_t);
+      sum += o[l];
+    }
+    const T inv_sum = T(1) / sum;
+#pragma omp simd
+    for (int64_t l = 0; l < K; ++l) o[l] *= inv_sum;
+  }
+}
+
+// out[j * rows + i] = in[i * in_stride + j] for i < rows, j < cols.
+template <typename T>
+void transpose(const T* in, int64_t rows, int64_t cols, int64_t in_stride, T* out) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = in[i * in_stride + j];
+}
+
+// The cost and its gradient run over register tiles of kRowTile x kColTile entries
+// that stay in registers for the whole sum over l; a is zero-padded to whole row
+// tiles ([m_pad, K]) and c, transposed, to whole column tiles ([K, n_pad]).
+constexpr int64_t kRowTile = 4;
+constexpr int64_t kColTile = 16;
+
+inline int64_t round_up(int64_t value, int64_t tile) { return (value + tile - 1) / tile * tile; }
+
+// C_ij = sum_l |a_il - c_jl|^P, C stored [m, n].
+template <typename T, int P>
+void build_cost(const T* a, const T* cT, int64_t m, int64_t n, int64_t n_pad, int64_t K, T* C) {
+  for (int64_t i0 = 0; i0 < m; i0 += kRowTile) {
+    for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
+      T acc[kRowTile][kColTile] = {};
+      for (int64_t l = 0; l < K; ++l) {
+        const T* cl = cT + l * n_pad + j0;
+        for (int64_t r = 0; r < kRowTile; ++r) {
+          const T ar = a[(i0 + r) * K + l];
+#pragma omp simd
+          for (int64_t jj = 0; jj < kColTile; ++jj) {
+            const T d = ar - cl[jj];
+            acc[r][jj] += P == 1 ? std::abs(d) : d * d;
+          }
+        }
+      }
+      const int64_t rows = std::min(kRowTile, m - i0), cols = std::min(kColTile, n - j0);
+      for (int64_t r = 0; r < rows; ++r)
+        std::copy(acc[r], acc[r] + cols, C + (i0 + r) * n + j0);
+    }
+  }
+}
+
+// abar_il = sum_j Cbar_ij dC_ij/da_il and cbarT_lj = sum_i Cbar_ij dC_ij/dc_jl, with
+// dC/da = p |a - c|^(p-1) sign(a - c) (sign(0) = 0) = -dC/dc. `partial`
+// [kRowTile, K, kColTile] holds the per-lane sums of abar for one row tile.
+template <typename T, int P>
+void cost_backward(const T* a, const T* cT, const T* Cbar, int64_t m, int64_t n, int64_t n_pad,
+                   int64_t K, T* abar, T* cbarT, T* partial) {
+  std::fill(cbarT, cbarT + K * n_pad, T(0));
+  for (int64_t i0 = 0; i0 < m; i0 += kRowTile) {
+    const int64_t rows = std::min(kRowTile, m - i0);
+    std::fill(partial, partial + kRowTile * K * kColTile, T(0));
+    for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
+      const int64_t cols = std::min(kColTile, n - j0);
+      T cb[kRowTile][kColTile] = {};
+      for (int64_t r = 0; r < rows; ++r)
+        std::copy(Cbar + (i0 + r) * n + j0, Cbar + (i0 + r) * n + j0 + cols, cb[r]);
+      for (int64_t l = 0; l < K; ++l) {
+        const T* cl = cT + l * n_pad + j0;
+        T col_sum[kColTile] = {};
+        for (int64_t r = 0; r < kRowTile; ++r) {
+          const T ar = a[(i0 + r) * K + l];
+          T* part = partial + (r * K + l) * kColTile;
+#pragma omp simd
+          for (int64_t jj = 0; jj < kColTile; ++jj) {
+            const T d = ar - cl[jj];
+            const T dC = P == 1 ? T(d > T(0)) - T(d < T(0)) : T(2) * d;
+            const T w = cb[r][jj] * dC;
+            part[jj] += w;
+            col_sum[jj] += w;
+          }
+        }
+        T* cbl = cbarT + l * n_pad + j0;
+#pragma omp simd
+        for (int64_t jj = 0; jj < kColTile; ++jj) cbl[jj] -= col_sum[jj];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t l = 0; l < K; ++l) {
+        const T* part = partial + (r * K + l) * kColTile;
+        T sum = 0;
+        for (int64_t jj = 0; jj < kColTile; ++jj) sum += part[jj];
+        abar[(i0 + r) * K + l] = sum;
+      }
+  }
+}
+
+// Gradient with respect to the rows given to load_rows, from the gradient
+// with respect to its output `out`.
+template <typename T>
+void load_rows_backward(const T* out, const T* grad_out, int64_t rows, int64_t K,
+                        double temperature, T* grad_in) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* o = out + i * K;
+    const T* go = grad_out + i * K;
+    T* gi = grad_in + i * K;
+    if (temperature == 0) {
+      std::copy(go, go + K, gi);
+      continue;
+    }
+    T dot = 0;
+    for (int64_t l = 0; l < K; ++l) dot += o[l] * go[l];
+    const T inv_t = T(1) / T(temperature);
+    for (int64_t l = 0; l < K; ++l) gi[l] = o[l] * (go[l] - dot) * inv_t;
+  }
+}
+
+// Loads a_i, c_j and builds C for one problem.
+template <typename T>
+struct Geometry {
+  int64_t m, n, K, n_pad;
+  T* a;   // [m_pad, K], rows past m zero
+  T* c;   // [n, K]
+  T* cT;  // [K, n_pad], columns past n zero
+  T* C;   // [m, n]
+
+  static int64_t scratch(int64_t m, int64_t n, int64_t K) {
+    return round_up(m, kRowTile) * K + n * K + K * round_up(n, kColTile) + m * n;
+  }
+
+  Geometry(Arena<T>& arena, const T* x, const T* y, int64_t m_, int64_t n_, int64_t K_,
+           double temperature, int64_t p)
+      : m(m_), n(n_), K(K_), n_pad(round_up(n_, kColTile)) {
+    const int64_t m_pad = round_up(m, kRowTile);
+    a = arena.take(m_pad * K);
+    c = arena.take(n * K);
+    cT = arena.take(K * n_pad);
+    C = arena.take(m * n);
+    load_rows(x, m, K, temperature, a);
+    std::fill(a + m * K, a + m_pad * K, T(0));
+    load_rows(y, n, K, temperature, c);
+    std::fill(cT, cT + K * n_pad, T(0));
+    for (int64_t l = 0; l < K; ++l)
+      for (int64_t j = 0; j < n; ++j) cT[l * n_pad + j] = c[j * K + l];
+    if (p == 1)
+      build_cost<T, 1>(a, cT, m, n, n_pad, K, C);
+    else
+      build_cost<T, 2>(a, cT, m, n, n_pad, K, C);
+  }
+};
+
+// ---------------------------------------------------------------- Gibbs kernel
+
+// G_ij = exp((alpha_i + beta_j - C_ij)/eps) for a reference pair of potentials.
+template <typename T>
+struct GibbsKernel {
+  int64_t m, n;
+  T eps;
+  const T* C;
+  T* G;      // [m, n]
+  T* alpha;  // [m]
+  T* beta;   // [n]
+
+  static int64_t scratch(int64_t m, int64_t n) { return m * n + m + n; }
+
+  GibbsKernel(Arena<T>& arena, const T* C_, int64_t m_, int64_t n_, T eps_)
+      : m(m_), n(n_), eps(eps_), C(C_) {
+    G = arena.take(m * n);
+    alpha = arena.take(m);
+    beta = arena.take(n);
+  }
+
+  void rebase(const T* f, const T* g) {
+    std::copy(f, f + m, alpha);
+    std::copy(g, g + n, beta);
+    const T inv_eps = T(1) / eps;
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Ci = C + i * n;
+      T* Gi = G + i * n;
+      const T ai = alpha[i];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) Gi[j] = exp_simd((ai + beta[j] - Ci[j]) * inv_eps);
+    }
+  }
+};
+
+// -eps * LSE_k((h_k - C_k)/eps) over k = 0..len-1, C_k = C[k * stride].
+template <typename T>
+T neg_eps_lse(const T* h, const T* C, int64_t len, int64_t stride, T eps) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t k = 0; k < len; ++k) mx = std::max(mx, h[k] - C[k * stride]);
+  const T inv_eps = T(1) / eps;
+  T sum = 0;
+  for (int64_t k = 0; k < len; ++k) sum += exp_simd((h[k] - C[k * stride] - mx) * inv_eps);
+  return -mx - eps * std::log(sum);
+}
+
+// True when every |log_scale[k]| <= tau (false for NaN); then scale = exp(log_scale).
+template <typename T>
+bool scalings_in_range(const T* log_scale, int64_t len, T* scale) {
+  bool ok = true;
+  for (int64_t k = 0; k < len; ++k) ok = ok && std::abs(log_scale[k]) <= Stab<T>::tau;
+  if (ok)
+    for (int64_t k = 0; k < len; ++k) scale[k] = std::exp(log_scale[k]);
+  return ok;
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T>
+struct ForwardSolver {
+  GibbsKernel<T> kernel;
+  T la, lb;
+  T* f;  // [m]
+  T* g;  // [n]
+  T* u;  // [m]
+  T* v;  // [n]
+  T* log_scale;  // [max(m, n)]
+  T* col_sum;    // [n]
+
+  static int64_t scratch(int64_t m, int64_t n) {
+    return GibbsKernel<T>::scratch(m, n) + 2 * m + 3 * n + std::max(m, n);
+  }
+
+  ForwardSolver(Arena<T>& arena, const Geometry<T>& geo, T eps, bool unit_marginals)
+      : kernel(arena, geo.C, geo.m, geo.n, eps),
+        la(unit_marginals ? T(0) : -std::log(T(geo.m))),
+        lb(unit_marginals ? T(0) : -std::log(T(geo.n))) {
+    const int64_t m = geo.m, n = geo.n;
+    f = arena.take(m);
+    g = arena.take(n);
+    u = arena.take(m);
+    v = arena.take(n);
+    log_scale = arena.take(std::max(m, n));
+    col_sum = arena.take(n);
+    std::fill(f, f + m, T(0));
+    std::fill(g, g + n, T(0));
+    rebase();
+  }
+
+  void rebase() {
+    kernel.rebase(f, g);
+    std::fill(u, u + kernel.m, T(1));
+    std::fill(v, v + kernel.n, T(1));
+  }
+
+  static bool trusted(T sum) { return std::isfinite(sum) && sum >= Stab<T>::sum_floor; }
+
+  void f_step() {
+    const int64_t m = kernel.m, n = kernel.n;
+    const T eps = kernel.eps;
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = kernel.G + i * n;
+      T r = 0;
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = 0; j < n; ++j) r += Gi[j] * v[j];
+      if (trusted(r)) {
+        log_scale[i] = la - std::log(r);
+        f[i] = kernel.alpha[i] + eps * log_scale[i];
+      } else {
+        f[i] = eps * la + neg_eps_lse(g, kernel.C + i * n, n, 1, eps);
+        log_scale[i] = (f[i] - kernel.alpha[i]) / eps;
+      }
+    }
+    if (!scalings_in_range(log_scale, m, u)) rebase();
+  }
+
+  void g_step() {
+    const int64_t m = kernel.m, n = kernel.n;
+    const T eps = kernel.eps;
+    std::fill(col_sum, col_sum + n, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = kernel.G + i * n;
+      const T ui = u[i];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) col_sum[j] += Gi[j] * ui;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (trusted(col_sum[j])) {
+        log_scale[j] = lb - std::log(col_sum[j]);
+        g[j] = kernel.beta[j] + eps * log_scale[j];
+      } else {
+        g[j] = eps * lb + neg_eps_lse(f, kernel.C + j, m, n, eps);
+        log_scale[j] = (g[j] - kernel.beta[j]) / eps;
+      }
+    }
+    if (!scalings_in_range(log_scale, n, v)) rebase();
+  }
+
+  // sum_ij P_ij C_ij with P_ij = u_i G_ij v_j; rows summed in float64.
+  double loss() const {
+    const int64_t m = kernel.m, n = kernel.n;
+    double total = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = kernel.G + i * n;
+      const T* Ci = kernel.C + i * n;
+      T row = 0;
+#pragma omp simd reduction(+ : row)
+      for (int64_t j = 0; j < n; ++j) row += Gi[j] * v[j] * Ci[j];
+      total += double(u[i]) * double(row);
+    }
+    return total;
+  }
+};
+
+template <typename T>
+void forward_problem(const T* x, const T* y, int64_t m, int64_t n, int64_t K, T eps,
+                     int64_t n_iters, double temperature, int64_t p, bool unit_marginals,
+                     T* loss, T* f_hist, T* g_hist, int64_t M, int64_t N) {
+  if (m == 0 || n == 0) {
+    *loss = 0;
+    return;
+  }
+  Arena<T> arena(Geometry<T>::scratch(m, n, K) + ForwardSolver<T>::scratch(m, n));
+  const Geometry<T> geo(arena, x, y, m, n, K, temperature, p);
+  ForwardSolver<T> solver(arena, geo, eps, unit_marginals);
+  for (int64_t t = 1; t <= n_iters; ++t) {
+    solver.f_step();
+    solver.g_step();
+    std::copy(solver.f, solver.f + m, f_hist + t * M);
+    std::copy(solver.g, solver.g + n, g_hist + t * N);
+  }
+  *loss = T(solver.loss());
+}
+
+// ---------------------------------------------------------------- backward
+
+// Cbar_ij += G_ij * sum_r A_ri B_rj: the plan terms of the backward, buffered as
+// rank-1 factors and added in one pass per kernel reference.
+template <typename T>
+struct PlanGradient {
+  static constexpr int64_t kCapacity = 16;
+  int64_t m, n, count = 0;
+  T* A;    // [kCapacity, m]
+  T* B;    // [kCapacity, n]
+  T* row;  // [n]
+
+  static int64_t scratch(int64_t m, int64_t n) { return kCapacity * (m + n) + n; }
+
+  PlanGradient(Arena<T>& arena, int64_t m_, int64_t n_) : m(m_), n(n_) {
+    A = arena.take(kCapacity * m);
+    B = arena.take(kCapacity * n);
+    row = arena.take(n);
+  }
+
+  // Adds diag(a) G diag(b), flushing first when the buffer is full.
+  void add(const T* a, const T* b, const GibbsKernel<T>& kernel, T* Cbar) {
+    if (count == kCapacity) flush(kernel, Cbar);
+    std::copy(a, a + m, A + count * m);
+    std::copy(b, b + n, B + count * n);
+    ++count;
+  }
+
+  void flush(const GibbsKernel<T>& kernel, T* Cbar) {
+    if (count == 0) return;
+    for (int64_t i = 0; i < m; ++i) {
+      std::fill(row, row + n, T(0));
+      for (int64_t r = 0; r < count; ++r) {
+        const T ari = A[r * m + i];
+        const T* Br = B + r * n;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) row[j] += ari * Br[j];
+      }
+      const T* Gi = kernel.G + i * n;
+      T* Cbi = Cbar + i * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) Cbi[j] += Gi[j] * row[j];
+    }
+    count = 0;
+  }
+};
+
+template <typename T>
+struct BackwardSweep {
+  GibbsKernel<T> kernel;
+  PlanGradient<T> plan;
+  T la, lb;
+  T* Cbar;  // [m, n]
+  T* fbar;  // [m]
+  T* gbar;  // [n]
+  T* U;     // [m]
+  T* V;     // [n]
+  T* log_U;  // [m]
+  T* log_V;  // [n]
+  T* w;     // [max(m, n)]
+
+  static int64_t scratch(int64_t m, int64_t n) {
+    return GibbsKernel<T>::scratch(m, n) + PlanGradient<T>::scratch(m, n) + m * n + 3 * m +
+           3 * n + std::max(m, n);
+  }
+
+  BackwardSweep(Arena<T>& arena, const Geometry<T>& geo, T eps, bool unit_marginals)
+      : kernel(arena, geo.C, geo.m, geo.n, eps),
+        plan(arena, geo.m, geo.n),
+        la(unit_marginals ? T(0) : -std::log(T(geo.m))),
+        lb(unit_marginals ? T(0) : -std::log(T(geo.n))) {
+    const int64_t m = geo.m, n = geo.n;
+    Cbar = arena.take(m * n);
+    fbar = arena.take(m);
+    gbar = arena.take(n);
+    U = arena.take(m);
+    V = arena.take(n);
+    log_U = arena.take(m);
+    log_V = arena.take(n);
+    w = arena.take(std::max(m, n));
+  }
+
+  // Loss term at the final potentials: G = P after rebasing onto them.
+  void loss_term(const T* f, const T* g, T grad, bool detach_plan) {
+    const int64_t m = kernel.m, n = kernel.n;
+    const T eps = kernel.eps;
+    kernel.rebase(f, g);
+    std::fill(gbar, gbar + n, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Pi = kernel.G + i * n;
+      const T* Ci = kernel.C + i * n;
+      T* Cbi = Cbar + i * n;
+      if (detach_plan) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) Cbi[j] = grad * Pi[j];
+        continue;
+      }
+      T row = 0;
+#pragma omp simd reduction(+ : row)
+      for (int64_t j = 0; j < n; ++j) {
+        const T PC = Pi[j] * Ci[j];
+        Cbi[j] = grad * (Pi[j] - PC / eps);
+        gbar[j] += grad * PC / eps;
+        row += PC;
+      }
+      fbar[i] = grad * row / eps;
+    }
+  }
+
+  // Sets U, V with pi_ij = exp((f_i + g_j - C_ij)/eps - shift_f - shift_g) = G_ij U_i V_j,
+  // re-basing the kernel onto (f, g) when a scaling leaves [e^-tau, e^tau].
+  void scalings(const T* f, const T* g, T shift_f, T shift_g) {
+    const int64_t m = kernel.m, n = kernel.n;
+    const T inv_eps = T(1) / kernel.eps;
+    for (int64_t i = 0; i < m; ++i) log_U[i] = (f[i] - kernel.alpha[i]) * inv_eps - shift_f;
+    for (int64_t j = 0; j < n; ++j) log_V[j] = (g[j] - kernel.beta[j]) * inv_eps - shift_g;
+    if (scalings_in_range(log_U, m, U) && scalings_in_range(log_V, n, V)) return;
+    plan.flush(kernel, Cbar);
+    kernel.rebase(f, g);
+    std::fill(U, U + m, std::exp(-shift_f));
+    std::fill(V, V + n, std::exp(-shift_g));
+  }
+
+  // g^t = eps*lb - eps*LSE_i((f^t_i - C_ij)/eps):  fbar^t -= pi^g gbar^t,  Cbar += pi^g diag(gbar^t).
+  void g_step(const T* f_t, const T* g_t) {
+    const int64_t m = kernel.m, n = kernel.n;
+    scalings(f_t, g_t, T(0), lb);
+    for (int64_t j = 0; j < n; ++j) w[j] = V[j] * gbar[j];
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = kernel.G + i * n;
+      T r = 0;
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = 0; j < n; ++j) r += Gi[j] * w[j];
+      fbar[i] -= U[i] * r;
+    }
+    plan.add(U, w, kernel, Cbar);
+  }
+
+  // f^t = eps*la - eps*LSE_j((g^{t-1}_j - C_ij)/eps):  gbar^{t-1} = -pi^f^T fbar^t,
+  // Cbar += diag(fbar^t) pi^f; then fbar restarts at 0 for f^{t-1}.
+  void f_step(const T* f_t, const T* g_prev, bool need_gbar) {
+    const int64_t m = kernel.m, n = kernel.n;
+    scalings(f_t, g_prev, la, T(0));
+    for (int64_t i = 0; i < m; ++i) w[i] = U[i] * fbar[i];
+    if (need_gbar) {
+      std::fill(gbar, gbar + n, T(0));
+      for (int64_t i = 0; i < m; ++i) {
+        const T* Gi = kernel.G + i * n;
+        const T wi = w[i];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) gbar[j] -= Gi[j] * wi;
+      }
+      for (int64_t j = 0; j < n; ++j) gbar[j] *= V[j];
+    }
+    plan.add(w, V, kernel, Cbar);
+    std::fill(fbar, fbar + m, T(0));
+  }
+};
+
+template <typename T>
+void backward_problem(T grad, const T* x, const T* y, int64_t m, int64_t n, int64_t K, T eps,
+                      int64_t n_iters, double temperature, int64_t p, bool unit_marginals,
+                      bool detach_plan, const T* f_hist, const T* g_hist, int64_t M,
+                      int64_t N, T* grad_x, T* grad_y) {
+  if (m == 0 || n == 0) return;  // grad_x, grad_y stay 0
+  Arena<T> arena(Geometry<T>::scratch(m, n, K) + BackwardSweep<T>::scratch(m, n) + m * K +
+                 K * round_up(n, kColTile) + n * K + kRowTile * K * kColTile);
+  const Geometry<T> geo(arena, x, y, m, n, K, temperature, p);
+  BackwardSweep<T> sweep(arena, geo, eps, unit_marginals);
+
+  sweep.loss_term(f_hist + n_iters * M, g_hist + n_iters * N, grad, detach_plan);
+  if (!detach_plan) {
+    for (int64_t t = n_iters; t >= 1; --t) {
+      sweep.g_step(f_hist + t * M, g_hist + t * N);
+      sweep.f_step(f_hist + t * M, g_hist + (t - 1) * N, /*need_gbar=*/t > 1);
+    }
+  }
+  sweep.plan.flush(sweep.kernel, sweep.Cbar);
+
+  T* abar = arena.take(m * K);
+  T* cbarT = arena.take(K * geo.n_pad);
+  T* cbar = arena.take(n * K);
+  T* partial = arena.take(kRowTile * K * kColTile);
+  if (p == 1)
+    cost_backward<T, 1>(geo.a, geo.cT, sweep.Cbar, m, n, geo.n_pad, K, abar, cbarT, partial);
+  else
+    cost_backward<T, 2>(geo.a, geo.cT, sweep.Cbar, m, n, geo.n_pad, K, abar, cbarT, partial);
+  transpose(cbarT, K, n, geo.n_pad, cbar);
+  load_rows_backward(geo.a, abar, m, K, temperature, grad_x);
+  load_rows_backward(geo.c, cbar, n, K, temperature, grad_y);
+}
+
+// ---------------------------------------------------------------- batch entry points
+
+at::ScalarType compute_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "sinkhorn_loss: the CPU kernel got tensors on ",
+              x.device());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_forward_cpu(
+    const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& x_lengths,
+    const std::optional<at::Tensor>& y_lengths, double epsilon, int64_t n_iters,
+    double temperature, int64_t p, bool unit_marginals, bool /*detach_plan: backward only*/) {
+  check_sinkhorn_args(x, y, x_lengths, y_lengths, epsilon, n_iters, temperature, p);
+  check_cpu(x);
+  const int64_t B = x.size(0), M = x.size(1), N = y.size(1), K = x.size(2);
+  const at::Tensor lx = lengths_or_full(x_lengths, B, M, "x_lengths", "M");
+  const at::Tensor ly = lengths_or_full(y_lengths, B, N, "y_lengths", "N");
+  const auto dtype = compute_dtype(x);
+  const at::Tensor xc = x.to(dtype).contiguous();
+  const at::Tensor yc = y.to(dtype).contiguous();
+  at::Tensor loss = at::empty({B}, x.options().dtype(dtype));
+  at::Tensor f_hist = at::zeros({B, n_iters + 1, M}, x.options().dtype(dtype));
+  at::Tensor g_hist = at::zeros({B, n_iters + 1, N}, x.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sinkhorn_forward_cpu", [&] {
+    const int64_t* lxp = lx.data_ptr<int64_t>();
+    const int64_t* lyp = ly.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        forward_problem<scalar_t>(
+            xc.data_ptr<scalar_t>() + b * M * K, yc.data_ptr<scalar_t>() + b * N * K, lxp[b],
+            lyp[b], K, scalar_t(epsilon), n_iters, temperature, p, unit_marginals,
+            loss.data_ptr<scalar_t>() + b, f_hist.data_ptr<scalar_t>() + b * (n_iters + 1) * M,
+            g_hist.data_ptr<scalar_t>() + b * (n_iters + 1) * N, M, N);
+      }
+    });
+  });
+  return {loss, f_hist, g_hist};
+}
+
+std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+    const std::optional<at::Tensor>& x_lengths, const std::optional<at::Tensor>& y_lengths,
+    const at::Tensor& f_hist, const at::Tensor& g_hist, double epsilon, double temperature,
+    int64_t p, bool unit_marginals, bool detach_plan) {
+  check_cpu(x);
+  const int64_t B = x.size(0), M = x.size(1), N = y.size(1), K = x.size(2);
+  const auto dtype = compute_dtype(x);
+  const int64_t n_iters = f_hist.size(1) - 1;
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "sinkhorn_backward: grad must be [B]");
+  TORCH_CHECK(f_hist.sizes() == at::IntArrayRef({B, n_iters + 1, M}) &&
+                  g_hist.sizes() == at::IntArrayRef({B, n_iters + 1, N}) &&
+                  f_hist.scalar_type() == dtype && g_hist.scalar_type() == dtype,
+              "sinkhorn_backward: f_hist and g_hist must be the potentials saved by "
+              "sinkhorn_forward for these inputs");
+  const at::Tensor lx = lengths_or_full(x_lengths, B, M, "x_lengths", "M");
+  const at::Tensor ly = lengths_or_full(y_lengths, B, N, "y_lengths", "N");
+  const at::Tensor xc = x.to(dtype).contiguous();
+  const at::Tensor yc = y.to(dtype).contiguous();
+  const at::Tensor gc = grad.to(dtype).contiguous();
+  const at::Tensor fc = f_hist.contiguous();
+  const at::Tensor hc = g_hist.contiguous();
+  at::Tensor grad_x = at::zeros({B, M, K}, x.options().dtype(dtype));
+  at::Tensor grad_y = at::zeros({B, N, K}, x.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "sinkhorn_backward_cpu", [&] {
+    const int64_t* lxp = lx.data_ptr<int64_t>();
+    const int64_t* lyp = ly.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        backward_problem<scalar_t>(
+            gc.data_ptr<scalar_t>()[b], xc.data_ptr<scalar_t>() + b * M * K,
+            yc.data_ptr<scalar_t>() + b * N * K, lxp[b], lyp[b], K, scalar_t(epsilon),
+            n_iters, temperature, p, unit_marginals, detach_plan,
+            fc.data_ptr<scalar_t>() + b * (n_iters + 1) * M,
+            hc.data_ptr<scalar_t>() + b * (n_iters + 1) * N, M, N,
+            grad_x.data_ptr<scalar_t>() + b * M * K, grad_y.data_ptr<scalar_t>() + b * N * K);
+      }
+    });
+  });
+  return {grad_x.to(x.scalar_type()), grad_y.to(y.scalar_type())};
+}
+
+TORCH_LIBRARY_IMPL(mlot, CPU, m) {
+  m.impl("sinkhorn_forward", &sinkhorn_forward_cpu);
+  m.impl("sinkhorn_backward", &sinkhorn_backward_cpu);
+}
+
+}  // namespace mlot

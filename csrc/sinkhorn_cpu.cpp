@@ -486,25 +486,22 @@ template <typename T>
 struct BackwardSweep {
   GibbsKernel<T> kernel;
   PlanGradient<T> plan;
-  T la, lb;
+  T lb;
   T* Cbar;  // [m, n]
   T* fbar;  // [m]
   T* gbar;  // [n]
   T* U;     // [m]
   T* V;     // [n]
-  T* log_U;  // [m]
-  T* log_V;  // [n]
   T* w;     // [max(m, n)]
 
   static int64_t scratch(int64_t m, int64_t n) {
-    return GibbsKernel<T>::scratch(m, n) + PlanGradient<T>::scratch(m, n) + m * n + 3 * m +
-           3 * n + std::max(m, n);
+    return GibbsKernel<T>::scratch(m, n) + PlanGradient<T>::scratch(m, n) + m * n + 2 * m +
+           2 * n + std::max(m, n);
   }
 
   BackwardSweep(Arena<T>& arena, const Geometry<T>& geo, T eps, bool unit_marginals)
       : kernel(arena, geo.C, geo.m, geo.n, eps),
         plan(arena, geo.m, geo.n),
-        la(unit_marginals ? T(0) : -std::log(T(geo.m))),
         lb(unit_marginals ? T(0) : -std::log(T(geo.n))) {
     const int64_t m = geo.m, n = geo.n;
     Cbar = arena.take(m * n);
@@ -512,31 +509,101 @@ struct BackwardSweep {
     gbar = arena.take(n);
     U = arena.take(m);
     V = arena.take(n);
-    log_U = arena.take(m);
-    log_V = arena.take(n);
     w = arena.take(std::max(m, n));
   }
 
-  // Loss term at the final potentials: G = P after rebasing onto them.
-  void loss_term(const T* f, const T* g, T grad, bool detach_plan) {
+  // scale_k = exp((pot_k - ref_k)/eps); false when one leaves [e^-tau, e^tau].
+  bool scale_from(const T* pot, const T* ref, int64_t len, T* scale) const {
+    const T inv_eps = T(1) / kernel.eps;
+    for (int64_t k = 0; k < len; ++k) scale[k] = (pot[k] - ref[k]) * inv_eps;
+    return scalings_in_range(scale, len, scale);
+  }
+
+  // V_j = 1 / sum_i G_ij U_i; false when a sum is not trusted.
+  bool normalize_columns() {
+    const int64_t m = kernel.m, n = kernel.n;
+    std::fill(V, V + n, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = kernel.G + i * n;
+      const T ui = U[i];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) V[j] += Gi[j] * ui;
+    }
+    bool ok = true;
+    for (int64_t j = 0; j < n; ++j) {
+      ok = ok && ForwardSolver<T>::trusted(V[j]);
+      V[j] = T(1) / V[j];
+    }
+    return ok;
+  }
+
+  // U_i = 1 / sum_j G_ij V_j; false when a sum is not trusted.
+  bool normalize_rows() {
+    const int64_t m = kernel.m, n = kernel.n;
+    bool ok = true;
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = kernel.G + i * n;
+      T r = 0;
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = 0; j < n; ++j) r += Gi[j] * V[j];
+      ok = ok && ForwardSolver<T>::trusted(r);
+      U[i] = T(1) / r;
+    }
+    return ok;
+  }
+
+  void rebase(const T* f, const T* g) {
+    plan.flush(kernel, Cbar);
+    kernel.rebase(f, g);
+  }
+
+  // pi^g = diag(U) G diag(V): column j is softmax_i((f_i - C_ij)/eps). U comes from the
+  // saved f and V normalises the columns, as the softmax does, so that the columns
+  // sum to 1 to rounding (the adjoints below rely on that cancellation).
+  void column_stochastic_plan(const T* f, const T* g) {
+    if (scale_from(f, kernel.alpha, kernel.m, U) && normalize_columns()) return;
+    rebase(f, g);  // column sums become exp(lb) up to rounding
+    std::fill(U, U + kernel.m, T(1));
+    normalize_columns();
+  }
+
+  // pi^f = diag(U) G diag(V): row i is softmax_j((g_j - C_ij)/eps), likewise.
+  void row_stochastic_plan(const T* f, const T* g) {
+    if (scale_from(g, kernel.beta, kernel.n, V) && normalize_rows()) return;
+    rebase(f, g);
+    std::fill(V, V + kernel.n, T(1));
+    normalize_rows();
+  }
+
+  // Loss term at the final potentials: P = diag(U) G diag(V) with P's columns summing
+  // to exp(lb) when the last g-step normalised them (n_iters >= 1), G itself otherwise.
+  void loss_term(const T* f, const T* g, bool normalized, T grad, bool detach_plan) {
     const int64_t m = kernel.m, n = kernel.n;
     const T eps = kernel.eps;
     kernel.rebase(f, g);
+    std::fill(U, U + m, T(1));
+    if (normalized) {
+      normalize_columns();
+      for (int64_t j = 0; j < n; ++j) V[j] *= std::exp(lb);
+    } else {
+      std::fill(V, V + n, T(1));
+    }
     std::fill(gbar, gbar + n, T(0));
     for (int64_t i = 0; i < m; ++i) {
-      const T* Pi = kernel.G + i * n;
+      const T* Gi = kernel.G + i * n;
       const T* Ci = kernel.C + i * n;
       T* Cbi = Cbar + i * n;
       if (detach_plan) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) Cbi[j] = grad * Pi[j];
+        for (int64_t j = 0; j < n; ++j) Cbi[j] = grad * Gi[j] * V[j];
         continue;
       }
       T row = 0;
 #pragma omp simd reduction(+ : row)
       for (int64_t j = 0; j < n; ++j) {
-        const T PC = Pi[j] * Ci[j];
-        Cbi[j] = grad * (Pi[j] - PC / eps);
+        const T P = Gi[j] * V[j];
+        const T PC = P * Ci[j];
+        Cbi[j] = grad * (P - PC / eps);
         gbar[j] += grad * PC / eps;
         row += PC;
       }
@@ -544,24 +611,10 @@ struct BackwardSweep {
     }
   }
 
-  // Sets U, V with pi_ij = exp((f_i + g_j - C_ij)/eps - shift_f - shift_g) = G_ij U_i V_j,
-  // re-basing the kernel onto (f, g) when a scaling leaves [e^-tau, e^tau].
-  void scalings(const T* f, const T* g, T shift_f, T shift_g) {
-    const int64_t m = kernel.m, n = kernel.n;
-    const T inv_eps = T(1) / kernel.eps;
-    for (int64_t i = 0; i < m; ++i) log_U[i] = (f[i] - kernel.alpha[i]) * inv_eps - shift_f;
-    for (int64_t j = 0; j < n; ++j) log_V[j] = (g[j] - kernel.beta[j]) * inv_eps - shift_g;
-    if (scalings_in_range(log_U, m, U) && scalings_in_range(log_V, n, V)) return;
-    plan.flush(kernel, Cbar);
-    kernel.rebase(f, g);
-    std::fill(U, U + m, std::exp(-shift_f));
-    std::fill(V, V + n, std::exp(-shift_g));
-  }
-
   // g^t = eps*lb - eps*LSE_i((f^t_i - C_ij)/eps):  fbar^t -= pi^g gbar^t,  Cbar += pi^g diag(gbar^t).
   void g_step(const T* f_t, const T* g_t) {
     const int64_t m = kernel.m, n = kernel.n;
-    scalings(f_t, g_t, T(0), lb);
+    column_stochastic_plan(f_t, g_t);
     for (int64_t j = 0; j < n; ++j) w[j] = V[j] * gbar[j];
     for (int64_t i = 0; i < m; ++i) {
       const T* Gi = kernel.G + i * n;
@@ -577,7 +630,7 @@ struct BackwardSweep {
   // Cbar += diag(fbar^t) pi^f; then fbar restarts at 0 for f^{t-1}.
   void f_step(const T* f_t, const T* g_prev, bool need_gbar) {
     const int64_t m = kernel.m, n = kernel.n;
-    scalings(f_t, g_prev, la, T(0));
+    row_stochastic_plan(f_t, g_prev);
     for (int64_t i = 0; i < m; ++i) w[i] = U[i] * fbar[i];
     if (need_gbar) {
       std::fill(gbar, gbar + n, T(0));
@@ -605,7 +658,7 @@ void backward_problem(T grad, const T* x, const T* y, int64_t m, int64_t n, int6
   const Geometry<T> geo(arena, x, y, m, n, K, temperature, p);
   BackwardSweep<T> sweep(arena, geo, eps, unit_marginals);
 
-  sweep.loss_term(f_hist + n_iters * M, g_hist + n_iters * N, grad, detach_plan);
+  sweep.loss_term(f_hist + n_iters * M, g_hist + n_iters * N, n_iters > 0, grad, detach_plan);
   if (!detach_plan) {
     for (int64_t t = n_iters; t >= 1; --t) {
       sweep.g_step(f_hist + t * M, g_hist + t * N);

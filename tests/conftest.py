@@ -1,0 +1,42 @@
+"""Shared input builders: fresh random problems for the op tests and the benchmarks' checks."""
+
+import zlib
+
+import pytest
+import torch
+
+import mlot_kernels  # noqa: F401  (registers torch.ops.mlot)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's id: fresh data per test, reproducible per test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def make_vectors(gen, shape, kind, dtype=torch.float64):
+    """Random rows: 'logits' (for temperature > 0), 'probs' (softmax rows, for temperature 0),
+    or 'raw' (unnormalised values, temperature 0, large costs)."""
+    z = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "logits":
+        out = 2 * z
+    elif kind == "probs":
+        out = torch.softmax(2 * z, dim=-1)
+    elif kind == "raw":
+        out = 3 * z
+    else:
+        raise ValueError(kind)
+    return out.to(dtype)
+
+
+def make_lengths(gen, batch, size, mode):
+    """[B] lengths: 'full', 'random' in [0, size], or 'zero-and-full' (first problem empty)."""
+    if mode == "full":
+        return None
+    if mode == "random":
+        return torch.randint(0, size + 1, (batch,), generator=gen)
+    if mode == "zero-and-full":
+        lengths = torch.full((batch,), size)
+        lengths[0] = 0
+        return lengths
+    raise ValueError(mode)

@@ -1,0 +1,56 @@
+"""The benchmark peers (benchmarks/peers.py) compute what the op computes, so timings compare equal work."""
+
+import pytest
+import torch
+
+import mlot_kernels
+from benchmarks.peers import batched_log_domain, released_loop
+
+EPSILON = 0.1
+TEMPERATURE = 2.0
+
+
+def _inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 11, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 8, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    return x, y
+
+
+def _value_and_grads(fn, x, y):
+    loss = fn(x, y)
+    # A random cotangent so that each problem's gradient is weighted differently.
+    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype)
+    grad_x, grad_y = torch.autograd.grad((loss * weights).sum(), (x, y))
+    return loss.detach(), grad_x, grad_y
+
+
+def _assert_same(peer, op, seed):
+    x, y = _inputs(seed)
+    for got, want in zip(_value_and_grads(peer, x, y), _value_and_grads(op, x, y)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_iters", [0, 1, 20])
+def test_released_loop_matches_op_with_unit_marginals(n_iters):
+    """released_loop's value and gradients equal the op's with p=1 and unit marginals."""
+    _assert_same(
+        lambda x, y: released_loop(x, y, EPSILON, n_iters, temperature=TEMPERATURE),
+        lambda x, y: mlot_kernels.sinkhorn_loss(x, y, epsilon=EPSILON, n_iters=n_iters,
+                                                temperature=TEMPERATURE, p=1, unit_marginals=True),
+        seed=n_iters,
+    )
+
+
+@pytest.mark.parametrize("unit_marginals", [True, False])
+@pytest.mark.parametrize("n_iters", [0, 1, 20])
+def test_batched_log_domain_matches_op(n_iters, unit_marginals):
+    """batched_log_domain's value and gradients equal the op's with p=1 and the same marginals."""
+    _assert_same(
+        lambda x, y: batched_log_domain(x, y, EPSILON, n_iters, temperature=TEMPERATURE,
+                                        unit_marginals=unit_marginals),
+        lambda x, y: mlot_kernels.sinkhorn_loss(x, y, epsilon=EPSILON, n_iters=n_iters,
+                                                temperature=TEMPERATURE, p=1,
+                                                unit_marginals=unit_marginals),
+        seed=100 + n_iters + 10 * unit_marginals,
+    )

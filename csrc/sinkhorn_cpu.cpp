@@ -294,7 +294,35 @@ struct GibbsKernel {
       for (int64_t j = 0; j < n; ++j) Gi[j] = exp_simd((ai + beta[j] - Ci[j]) * inv_eps);
     }
   }
+
+  // out_i = sum_j G_ij v_j
+  void times(const T* v, T* out) const {
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = G + i * n;
+      T r = 0;
+#pragma omp simd reduction(+ : r)
+      for (int64_t j = 0; j < n; ++j) r += Gi[j] * v[j];
+      out[i] = r;
+    }
+  }
+
+  // out_j = sum_i u_i G_ij
+  void transpose_times(const T* u, T* out) const {
+    std::fill(out, out + n, T(0));
+    for (int64_t i = 0; i < m; ++i) {
+      const T* Gi = G + i * n;
+      const T ui = u[i];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += Gi[j] * ui;
+    }
+  }
 };
+
+// A kernel-scaling sum is trusted when finite and above the floor (see the top of the file).
+template <typename T>
+bool trusted(T sum) {
+  return std::isfinite(sum) && sum >= Stab<T>::sum_floor;
+}
 
 // -eps * LSE_k((h_k - C_k)/eps) over k = 0..len-1, C_k = C[k * stride].
 template <typename T>
@@ -328,10 +356,9 @@ struct ForwardSolver {
   T* u;  // [m]
   T* v;  // [n]
   T* log_scale;  // [max(m, n)]
-  T* col_sum;    // [n]
 
   static int64_t scratch(int64_t m, int64_t n) {
-    return GibbsKernel<T>::scratch(m, n) + 2 * m + 3 * n + std::max(m, n);
+    return GibbsKernel<T>::scratch(m, n) + 2 * m + 2 * n + std::max(m, n);
   }
 
   ForwardSolver(Arena<T>& arena, const Geometry<T>& geo, T eps, bool unit_marginals)
@@ -344,7 +371,6 @@ struct ForwardSolver {
     u = arena.take(m);
     v = arena.take(n);
     log_scale = arena.take(std::max(m, n));
-    col_sum = arena.take(n);
     std::fill(f, f + m, T(0));
     std::fill(g, g + n, T(0));
     rebase();
@@ -356,47 +382,35 @@ struct ForwardSolver {
     std::fill(v, v + kernel.n, T(1));
   }
 
-  static bool trusted(T sum) { return std::isfinite(sum) && sum >= Stab<T>::sum_floor; }
-
+  // f-step: r = G v, then f_i = alpha_i + eps*(la - log r_i).
   void f_step() {
-    const int64_t m = kernel.m, n = kernel.n;
-    const T eps = kernel.eps;
-    for (int64_t i = 0; i < m; ++i) {
-      const T* Gi = kernel.G + i * n;
-      T r = 0;
-#pragma omp simd reduction(+ : r)
-      for (int64_t j = 0; j < n; ++j) r += Gi[j] * v[j];
-      if (trusted(r)) {
-        log_scale[i] = la - std::log(r);
-        f[i] = kernel.alpha[i] + eps * log_scale[i];
-      } else {
-        f[i] = eps * la + neg_eps_lse(g, kernel.C + i * n, n, 1, eps);
-        log_scale[i] = (f[i] - kernel.alpha[i]) / eps;
-      }
-    }
-    if (!scalings_in_range(log_scale, m, u)) rebase();
+    kernel.times(v, log_scale);
+    update(kernel.m, la, kernel.alpha, g, kernel.n, kernel.n, 1, f, u);
   }
 
+  // g-step: s = G^T u, then g_j = beta_j + eps*(lb - log s_j).
   void g_step() {
-    const int64_t m = kernel.m, n = kernel.n;
+    kernel.transpose_times(u, log_scale);
+    update(kernel.n, lb, kernel.beta, f, kernel.m, 1, kernel.n, g, v);
+  }
+
+  // Turns the `len` kernel sums held in log_scale into potentials pot_k = ref_k + eps*(lmarg -
+  // log sum_k); a sum that is not trusted gives instead the exact eps*lmarg - eps*LSE_l((other_l -
+  // C_kl)/eps), with C_kl = C[k * k_stride + l * l_stride]. Then scale_k = exp((pot_k - ref_k)/eps),
+  // or an absorption when one leaves [e^-tau, e^tau].
+  void update(int64_t len, T lmarg, const T* ref, const T* other, int64_t other_len,
+              int64_t k_stride, int64_t l_stride, T* pot, T* scale) {
     const T eps = kernel.eps;
-    std::fill(col_sum, col_sum + n, T(0));
-    for (int64_t i = 0; i < m; ++i) {
-      const T* Gi = kernel.G + i * n;
-      const T ui = u[i];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) col_sum[j] += Gi[j] * ui;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      if (trusted(col_sum[j])) {
-        log_scale[j] = lb - std::log(col_sum[j]);
-        g[j] = kernel.beta[j] + eps * log_scale[j];
+    for (int64_t k = 0; k < len; ++k) {
+      if (trusted(log_scale[k])) {
+        log_scale[k] = lmarg - std::log(log_scale[k]);
+        pot[k] = ref[k] + eps * log_scale[k];
       } else {
-        g[j] = eps * lb + neg_eps_lse(f, kernel.C + j, m, n, eps);
-        log_scale[j] = (g[j] - kernel.beta[j]) / eps;
+        pot[k] = eps * lmarg + neg_eps_lse(other, kernel.C + k * k_stride, other_len, l_stride, eps);
+        log_scale[k] = (pot[k] - ref[k]) / eps;
       }
     }
-    if (!scalings_in_range(log_scale, n, v)) rebase();
+    if (!scalings_in_range(log_scale, len, scale)) rebase();
   }
 
   // sum_ij P_ij C_ij with P_ij = u_i G_ij v_j; rows summed in float64.
@@ -493,9 +507,10 @@ struct BackwardSweep {
   T* U;     // [m]
   T* V;     // [n]
   T* w;     // [max(m, n)]
+  T* Gw;    // [m]
 
   static int64_t scratch(int64_t m, int64_t n) {
-    return GibbsKernel<T>::scratch(m, n) + PlanGradient<T>::scratch(m, n) + m * n + 2 * m +
+    return GibbsKernel<T>::scratch(m, n) + PlanGradient<T>::scratch(m, n) + m * n + 3 * m +
            2 * n + std::max(m, n);
   }
 
@@ -510,6 +525,17 @@ struct BackwardSweep {
     U = arena.take(m);
     V = arena.take(n);
     w = arena.take(std::max(m, n));
+    Gw = arena.take(m);
+  }
+
+  // sums_k <- 1 / sums_k; false when a sum is not trusted.
+  static bool invert_sums(T* sums, int64_t len) {
+    bool ok = true;
+    for (int64_t k = 0; k < len; ++k) {
+      ok = ok && trusted(sums[k]);
+      sums[k] = T(1) / sums[k];
+    }
+    return ok;
   }
 
   // scale_k = exp((pot_k - ref_k)/eps); false when one leaves [e^-tau, e^tau].
@@ -521,35 +547,14 @@ struct BackwardSweep {
 
   // V_j = 1 / sum_i G_ij U_i; false when a sum is not trusted.
   bool normalize_columns() {
-    const int64_t m = kernel.m, n = kernel.n;
-    std::fill(V, V + n, T(0));
-    for (int64_t i = 0; i < m; ++i) {
-      const T* Gi = kernel.G + i * n;
-      const T ui = U[i];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) V[j] += Gi[j] * ui;
-    }
-    bool ok = true;
-    for (int64_t j = 0; j < n; ++j) {
-      ok = ok && ForwardSolver<T>::trusted(V[j]);
-      V[j] = T(1) / V[j];
-    }
-    return ok;
+    kernel.transpose_times(U, V);
+    return invert_sums(V, kernel.n);
   }
 
   // U_i = 1 / sum_j G_ij V_j; false when a sum is not trusted.
   bool normalize_rows() {
-    const int64_t m = kernel.m, n = kernel.n;
-    bool ok = true;
-    for (int64_t i = 0; i < m; ++i) {
-      const T* Gi = kernel.G + i * n;
-      T r = 0;
-#pragma omp simd reduction(+ : r)
-      for (int64_t j = 0; j < n; ++j) r += Gi[j] * V[j];
-      ok = ok && ForwardSolver<T>::trusted(r);
-      U[i] = T(1) / r;
-    }
-    return ok;
+    kernel.times(V, U);
+    return invert_sums(U, kernel.m);
   }
 
   void rebase(const T* f, const T* g) {
@@ -616,13 +621,8 @@ struct BackwardSweep {
     const int64_t m = kernel.m, n = kernel.n;
     column_stochastic_plan(f_t, g_t);
     for (int64_t j = 0; j < n; ++j) w[j] = V[j] * gbar[j];
-    for (int64_t i = 0; i < m; ++i) {
-      const T* Gi = kernel.G + i * n;
-      T r = 0;
-#pragma omp simd reduction(+ : r)
-      for (int64_t j = 0; j < n; ++j) r += Gi[j] * w[j];
-      fbar[i] -= U[i] * r;
-    }
+    kernel.times(w, Gw);
+    for (int64_t i = 0; i < m; ++i) fbar[i] -= U[i] * Gw[i];
     plan.add(U, w, kernel, Cbar);
   }
 
@@ -633,14 +633,8 @@ struct BackwardSweep {
     row_stochastic_plan(f_t, g_prev);
     for (int64_t i = 0; i < m; ++i) w[i] = U[i] * fbar[i];
     if (need_gbar) {
-      std::fill(gbar, gbar + n, T(0));
-      for (int64_t i = 0; i < m; ++i) {
-        const T* Gi = kernel.G + i * n;
-        const T wi = w[i];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) gbar[j] -= Gi[j] * wi;
-      }
-      for (int64_t j = 0; j < n; ++j) gbar[j] *= V[j];
+      kernel.transpose_times(w, gbar);
+      for (int64_t j = 0; j < n; ++j) gbar[j] *= -V[j];
     }
     plan.add(w, V, kernel, Cbar);
     std::fill(fbar, fbar + m, T(0));

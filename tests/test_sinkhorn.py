@@ -196,6 +196,20 @@ def test_batch_problems_are_independent(gen):
         assert torch.equal(lb, loss[sl]) and torch.equal(gxb, gx[sl]) and torch.equal(gyb, gy[sl])
 
 
+def test_non_contiguous_inputs(gen):
+    """Strided views give the result of their contiguous copies."""
+    x, y, xl, yl = make_problem(gen, 3, 18, 10, 12, "logits", "random", torch.float32)
+    xs, ys = x[:, ::2], y.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not xs.is_contiguous() and not ys.is_contiguous()
+    weights = torch.rand(3, generator=gen)
+    xl = xl.clamp(max=9)
+    strided = value_and_grads(mlot_kernels.sinkhorn_loss, xs, ys, weights, xl, yl, temperature=1.0)
+    dense = value_and_grads(mlot_kernels.sinkhorn_loss, xs.contiguous(), ys.contiguous(), weights,
+                            xl, yl, temperature=1.0)
+    for a, e in zip(strided, dense):
+        assert torch.equal(a, e)
+
+
 # ------------------------------------------------------------------ numerics at the edges
 
 def assert_finite_and_matches(gen, x, y, rtol, xl=None, yl=None, **opts):

@@ -40,8 +40,13 @@
 //   detach_plan: Cbar = P and nothing else.
 // Every pi is G_ij * U_i * V_j for the current reference (alpha, beta), so each
 // step is a matrix-vector product, and the Cbar updates are rank-1 factors
-// buffered and added in one pass (PlanGradient). The reference is re-based onto
-// the step's own potentials when a scaling leaves [e^-tau, e^tau]. Finally
+// buffered and added in one pass (PlanGradient). One scaling comes from the
+// saved potential (U from f^t for pi^g); the other normalises the plan as the
+// softmax does (V_j = 1 / sum_i G_ij U_i), so that its columns (rows) sum to 1 to
+// rounding: the adjoints cancel against those sums, and scalings rebuilt from two
+// saved potentials would miss them by |f|/eps float32 ulps. The reference is
+// re-based onto the step's own potentials when a scaling leaves [e^-tau, e^tau]
+// or a sum is not trusted. Finally
 //   abar_il = sum_j Cbar_ij * p|a_il - c_jl|^(p-1) sign(a_il - c_jl),  cbar likewise
 // (sign(0) = 0), and back through the softmax when T > 0.
 // Work per problem: O(m n K) for the cost and its gradient, O(m n) per

@@ -4,6 +4,8 @@ Each follows its contract (docs in the op's module) literally, one problem at a 
 autograd through every step. Pass float64 inputs for a float64 evaluation.
 """
 
+import math
+
 import torch
 
 
@@ -19,19 +21,33 @@ def sinkhorn_loss(x, y, x_lengths=None, y_lengths=None, epsilon=0.1, n_iters=20,
         if m == 0 or n == 0:
             losses.append(xb[:0].sum() + yb[:0].sum())  # 0, with a zero gradient
             continue
-        a = torch.softmax(xb / temperature, dim=-1) if temperature > 0 else xb
-        c = torch.softmax(yb / temperature, dim=-1) if temperature > 0 else yb
-        diff = a[:, None, :] - c[None, :, :]
-        cost = (diff.abs() if p == 1 else diff.square()).sum(-1)
-        log_a = 0.0 if unit_marginals else -torch.log(torch.tensor(float(m), dtype=dtype))
-        log_b = 0.0 if unit_marginals else -torch.log(torch.tensor(float(n), dtype=dtype))
-        f = torch.zeros(m, dtype=dtype)
-        g = torch.zeros(n, dtype=dtype)
-        for _ in range(n_iters):
-            f = epsilon * log_a - epsilon * torch.logsumexp((g[None, :] - cost) / epsilon, dim=1)
-            g = epsilon * log_b - epsilon * torch.logsumexp((f[:, None] - cost) / epsilon, dim=0)
-        plan = torch.exp((f[:, None] + g[None, :] - cost) / epsilon)
+        cost = cost_matrix(rows(xb, temperature), rows(yb, temperature), p)
+        plan = transport_plan(cost, epsilon, n_iters, unit_marginals)
         if detach_plan:
             plan = plan.detach()
         losses.append((plan * cost).sum())
     return torch.stack(losses)
+
+
+def rows(x, temperature):
+    """softmax(x / temperature) over the last dimension, or x itself when temperature == 0."""
+    return torch.softmax(x / temperature, dim=-1) if temperature > 0 else x
+
+
+def cost_matrix(a, c, p):
+    """C_ij = sum_l |a_il - c_jl|^p for a [m, K] and c [n, K]."""
+    diff = a[:, None, :] - c[None, :, :]
+    return (diff.abs() if p == 1 else diff.square()).sum(-1)
+
+
+def transport_plan(cost, epsilon, n_iters, unit_marginals):
+    """P = exp((f_i + g_j - C_ij)/eps) after n_iters log-domain Sinkhorn iterations from f = g = 0."""
+    m, n = cost.shape
+    log_a = 0.0 if unit_marginals else -math.log(m)
+    log_b = 0.0 if unit_marginals else -math.log(n)
+    f = cost.new_zeros(m)
+    g = cost.new_zeros(n)
+    for _ in range(n_iters):
+        f = epsilon * log_a - epsilon * torch.logsumexp((g[None, :] - cost) / epsilon, dim=1)
+        g = epsilon * log_b - epsilon * torch.logsumexp((f[:, None] - cost) / epsilon, dim=0)
+    return torch.exp((f[:, None] + g[None, :] - cost) / epsilon)

@@ -40,3 +40,12 @@ def make_lengths(gen, batch, size, mode):
         lengths[0] = 0
         return lengths
     raise ValueError(mode)
+
+
+def value_and_grads(fn, x, y, weights, *args, **kwargs):
+    """fn's [B] losses and the gradients of sum_b weights_b * loss_b with respect to x and y."""
+    x = x.detach().requires_grad_()
+    y = y.detach().requires_grad_()
+    loss = fn(x, y, *args, **kwargs)
+    gx, gy = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), (x, y))
+    return loss.detach(), gx, gy

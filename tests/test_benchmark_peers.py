@@ -5,6 +5,7 @@ import torch
 
 import mlot_kernels
 from benchmarks.peers import batched_log_domain, released_loop
+from tests.conftest import value_and_grads
 
 EPSILON = 0.1
 TEMPERATURE = 2.0
@@ -12,22 +13,16 @@ TEMPERATURE = 2.0
 
 def _inputs(seed):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 11, 9, generator=gen, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(3, 8, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 11, 9, generator=gen, dtype=torch.float64)
+    y = torch.randn(3, 8, 9, generator=gen, dtype=torch.float64)
     return x, y
-
-
-def _value_and_grads(fn, x, y):
-    loss = fn(x, y)
-    # A random cotangent so that each problem's gradient is weighted differently.
-    weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype)
-    grad_x, grad_y = torch.autograd.grad((loss * weights).sum(), (x, y))
-    return loss.detach(), grad_x, grad_y
 
 
 def _assert_same(peer, op, seed):
     x, y = _inputs(seed)
-    for got, want in zip(_value_and_grads(peer, x, y), _value_and_grads(op, x, y)):
+    # random weights, so that each problem's gradient is checked on its own
+    weights = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    for got, want in zip(value_and_grads(peer, x, y, weights), value_and_grads(op, x, y, weights)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 

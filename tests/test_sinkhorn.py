@@ -1,7 +1,6 @@
 """torch.ops.mlot.sinkhorn_loss: values and gradients against the float64 reference, gradcheck,
 opcheck, torch.compile, numerics at the edges, and argument errors."""
 
-import math
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 
 import mlot_kernels
 from mlot_kernels import reference
-from tests.conftest import make_lengths, make_vectors
+from tests.conftest import make_lengths, make_vectors, value_and_grads
 
 OPS = torch.ops.mlot
 
@@ -38,15 +37,6 @@ def make_problem(gen, B, M, N, K, kind, lengths, dtype=torch.float64):
     x = make_vectors(gen, (B, M, K), kind, dtype)
     y = make_vectors(gen, (B, N, K), kind, dtype)
     return x, y, make_lengths(gen, B, M, lengths), make_lengths(gen, B, N, lengths)
-
-
-def value_and_grads(fn, x, y, weights, *args, **kwargs):
-    """fn's [B] losses and the gradients of sum_b weights_b * loss_b with respect to x and y."""
-    x = x.detach().requires_grad_()
-    y = y.detach().requires_grad_()
-    loss = fn(x, y, *args, **kwargs)
-    gx, gy = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), (x, y))
-    return loss.detach(), gx, gy
 
 
 def assert_close_rel(actual, expected, rtol):
@@ -107,42 +97,24 @@ def test_gradcheck_exact(gen, case):
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()))
 
 
-def frozen_plan_loss(x, y, plan, temperature, p):
-    """sum_ij P_ij C_ij(x, y) with the plan P held constant (one problem, full lengths)."""
-    a = torch.softmax(x / temperature, -1) if temperature > 0 else x
-    c = torch.softmax(y / temperature, -1) if temperature > 0 else y
-    diff = a[:, None, :] - c[None, :, :]
-    return (plan * (diff.abs() if p == 1 else diff.square()).sum(-1)).sum()
-
-
 @pytest.mark.parametrize("p,temperature,kind", [(1, 1.0, "logits"), (2, 0.0, "probs")])
 def test_gradcheck_detached_plan(gen, p, temperature, kind):
     """The detached-plan gradient is the exact gradient of sum_ij P_ij C_ij with P frozen."""
     x, y, _, _ = make_problem(gen, 1, 5, 4, 6, kind, "full")
     opts = dict(epsilon=0.2, n_iters=7, temperature=temperature, p=p)
 
-    with torch.no_grad():  # the plan at the base point, from the reference
-        a = torch.softmax(x[0] / temperature, -1) if temperature > 0 else x[0]
-        c = torch.softmax(y[0] / temperature, -1) if temperature > 0 else y[0]
-        plan = plan_of(a, c, **opts)
+    def cost(x, y):
+        return reference.cost_matrix(reference.rows(x[0], temperature), reference.rows(y[0], temperature), p)
+
+    with torch.no_grad():  # the plan at the base point
+        plan = reference.transport_plan(cost(x, y), opts["epsilon"], opts["n_iters"],
+                                       unit_marginals=False)
 
     def fn(x, y):  # value: the frozen-plan loss; gradient: the op's detached-plan gradient
         op = mlot_kernels.sinkhorn_loss(x, y, detach_plan=True, **opts).sum()
-        return op + (frozen_plan_loss(x[0], y[0], plan, temperature, p) - op).detach()
+        return op + ((plan * cost(x, y)).sum() - op).detach()
 
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()))
-
-
-def plan_of(a, c, epsilon, n_iters, temperature, p):
-    """The transport plan of the contract (uniform marginals) for rows a [m, K], c [n, K]."""
-    diff = a[:, None, :] - c[None, :, :]
-    cost = (diff.abs() if p == 1 else diff.square()).sum(-1)
-    f = torch.zeros(a.shape[0], dtype=a.dtype)
-    g = torch.zeros(c.shape[0], dtype=a.dtype)
-    for _ in range(n_iters):
-        f = -epsilon * math.log(a.shape[0]) - epsilon * torch.logsumexp((g - cost) / epsilon, 1)
-        g = -epsilon * math.log(c.shape[0]) - epsilon * torch.logsumexp((f[:, None] - cost) / epsilon, 0)
-    return torch.exp((f[:, None] + g - cost) / epsilon)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

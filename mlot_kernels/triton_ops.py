@@ -51,7 +51,7 @@ before ``mlot_kernels`` is imported): that is how CI checks them.
 """
 
 import dataclasses
-import math
+import functools
 
 import torch
 import triton
@@ -132,9 +132,25 @@ def _cost(x_ptr, rows, rmask, xmx, xinv, y_ptr, cols, cmask, ymx, yinv, K, inv_t
 
 
 @triton.jit
-def _plan(u, v, C, mask2, shift, inv_eps):
-    """exp((u_i + v_j - C_ij)/eps + shift), 0 outside mask2."""
-    return tl.where(mask2, tl.exp((u[:, None] + v[None, :] - C) * inv_eps + shift), 0.0)
+def _softmax_lines(h, C, mask2, inv_eps, H_AXIS: tl.constexpr):
+    """The softmax along H_AXIS of S = (h - C)/eps (h indexed along H_AXIS), with its max mx and
+    lt = log sum exp(S - mx): a Sinkhorn half-step's plan, lines summing to 1 to rounding."""
+    S = tl.where(mask2, (tl.expand_dims(h, 1 - H_AXIS) - C) * inv_eps, float("-inf"))
+    mx = tl.max(S, H_AXIS)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # a masked line
+    E = tl.exp(S - tl.expand_dims(mx, H_AXIS))
+    total = tl.sum(E, H_AXIS)
+    total = tl.where(total > 0, total, 1.0)
+    return E / tl.expand_dims(total, H_AXIS), mx, tl.log(total)
+
+
+@triton.jit
+def _plan(h, mx, lt, C, mask2, inv_eps, H_AXIS: tl.constexpr):
+    """exp(((h - C)/eps - mx) - lt), h indexed along H_AXIS and (mx, lt) along the other axis:
+    _softmax_lines's plan rebuilt from its (mx, lt). Subtracting mx before lt keeps the large
+    terms' difference exact, so the lines sum to 1 to rounding however large C/eps is."""
+    S = (tl.expand_dims(h, 1 - H_AXIS) - C) * inv_eps - tl.expand_dims(mx, H_AXIS)
+    return tl.where(mask2, tl.exp(S - tl.expand_dims(lt, H_AXIS)), 0.0)
 
 
 @triton.jit
@@ -170,16 +186,6 @@ def _softmax_backward(abar_ptr, z_ptr, out_ptr, idx, mask, K, mx, inv_sum, inv_t
 
 
 @triton.jit
-def _neg_eps_lse(h, C, mask2, inv_eps, eps, AXIS: tl.constexpr):
-    """-eps * LSE over AXIS of (h - C)/eps, h broadcast along the other axis."""
-    S = tl.where(mask2, (tl.expand_dims(h, 1 - AXIS) - C) * inv_eps, float("-inf"))
-    mx = tl.max(S, AXIS)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    total = tl.sum(tl.exp(S - tl.expand_dims(mx, AXIS)), AXIS)
-    return -eps * (mx + tl.log(tl.where(total > 0, total, 1.0)))  # total = 0: a masked line
-
-
-@triton.jit
 def _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX: tl.constexpr, DTYPE: tl.constexpr):
     """eps, 1/eps and 1/T in DTYPE; scalars arrive as float32 pairs hi + lo (float64 to ~1e-14)."""
     eps = tl.cast(eps_hi, DTYPE) + tl.cast(eps_lo, DTYPE)
@@ -199,6 +205,11 @@ def _log_marginal(length, UNIT: tl.constexpr, DTYPE: tl.constexpr):
 
 
 # ---------------------------------------------------------------- on-chip regime
+#
+# One program holds a whole problem: C [BM, BN] stays in registers. Every plan is normalised by
+# its own sums (_softmax_lines): the loss P = e^{l_b} softmax_i((f^T_i - C_ij)/eps) (the last
+# g-step's columns; exp(-C/eps) when n_iters = 0), and the backward's pi^g, pi^f likewise. The
+# exact gradient relies on those sums being 1: its terms are C/eps times larger than the result.
 
 
 @triton.jit
@@ -209,7 +220,7 @@ def _onchip_forward_kernel(
     UNIT: tl.constexpr, DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One problem per program: cost in registers, n_iters log-domain iterations, the loss."""
+    """One problem per program: cost, n_iters log-domain iterations, the loss."""
     b = tl.program_id(0).to(tl.int64)
     m, m_ok = _length(xl_ptr, b, M, HAS_XL)
     n, n_ok = _length(yl_ptr, b, N, HAS_YL)
@@ -233,13 +244,18 @@ def _onchip_forward_kernel(
 
     f = tl.zeros([BM], DTYPE)
     g = tl.zeros([BN], DTYPE)
+    plan = _plan(f, g, g, C, mask2, inv_eps, 0)  # exp(-C/eps), the plan of 0 iterations
     for t in range(1, n_iters + 1):
-        f = tl.where(rmask, eps * la + _neg_eps_lse(g, C, mask2, inv_eps, eps, 1), 0.0)
-        g = tl.where(cmask, eps * lb + _neg_eps_lse(f, C, mask2, inv_eps, eps, 0), 0.0)
+        _, mx, lt = _softmax_lines(g, C, mask2, inv_eps, 1)
+        f = tl.where(rmask, eps * la - eps * (mx + lt), 0.0)
+        plan, mx, lt = _softmax_lines(f, C, mask2, inv_eps, 0)
+        g = tl.where(cmask, eps * lb - eps * (mx + lt), 0.0)
         tl.store(f_ptr + t * M + rows, f, mask=rmask)
         tl.store(g_ptr + t * N + cols, g, mask=cmask)
+    if n_iters > 0:
+        plan = plan * tl.exp(lb)
 
-    loss = tl.sum(tl.sum(_plan(f, g, C, mask2, 0.0, inv_eps) * C, 1), 0)
+    loss = tl.sum(tl.sum(plan * C, 1), 0)
     tl.store(loss_ptr + b, tl.where(m_ok & n_ok, loss, float("nan")))
 
 
@@ -281,8 +297,11 @@ def _onchip_backward_kernel(
     lb = _log_marginal(n, UNIT, DTYPE)
 
     f = tl.load(f_ptr + n_iters * M + rows, mask=rmask, other=0.0)
-    g = tl.load(g_ptr + n_iters * N + cols, mask=cmask, other=0.0)
-    plan = _plan(f, g, C, mask2, 0.0, inv_eps)
+    zeros = tl.zeros([BN], DTYPE)
+    plan = _plan(f, zeros, zeros, C, mask2, inv_eps, 0)
+    if n_iters > 0:
+        plan, _, _ = _softmax_lines(f, C, mask2, inv_eps, 0)
+        plan = plan * tl.exp(lb)
     if DETACH:
         Cbar = grad * plan
     else:
@@ -292,12 +311,15 @@ def _onchip_backward_kernel(
         gbar = grad * tl.sum(PC, 0) * inv_eps
         for s in range(n_iters):
             t = n_iters - s
+            # g^t = g-step(f^t):  fbar^t -= pi^g gbar^t,  Cbar += pi^g diag(gbar^t)
             f = tl.load(f_ptr + t * M + rows, mask=rmask, other=0.0)
-            g = tl.load(g_ptr + t * N + cols, mask=cmask, other=0.0)
-            g_prev = tl.load(g_ptr + (t - 1) * N + cols, mask=cmask, other=0.0)
-            pi_g = _plan(f, g, C, mask2, -lb, inv_eps) * gbar[None, :]
+            pi_g, _, _ = _softmax_lines(f, C, mask2, inv_eps, 0)
+            pi_g = pi_g * gbar[None, :]
             fbar -= tl.sum(pi_g, 1)
-            pi_f = fbar[:, None] * _plan(f, g_prev, C, mask2, -la, inv_eps)
+            # f^t = f-step(g^{t-1}):  gbar^{t-1} = -(pi^f)^T fbar^t,  Cbar += diag(fbar^t) pi^f
+            g_prev = tl.load(g_ptr + (t - 1) * N + cols, mask=cmask, other=0.0)
+            pi_f, _, _ = _softmax_lines(g_prev, C, mask2, inv_eps, 1)
+            pi_f = fbar[:, None] * pi_f
             gbar = -tl.sum(pi_f, 0)
             Cbar += pi_g + pi_f
             fbar = tl.zeros([BM], DTYPE)
@@ -321,21 +343,23 @@ def _onchip_backward_kernel(
 #
 # The cost is symmetric in its two sides, so every tiled kernel is written for an "own" side
 # (the program's tile of rows, indices i) and an "other" side streamed in tiles (indices j);
-# the launcher passes x or y as either, and C_ij below is C or its transpose. Potentials and
-# adjoints are read from rows of the [B, n_iters + 1, size] histories (pointer to row t,
-# batch stride given).
+# the launcher passes x or y as either, and C_ij below is C or its transpose. Vectors are rows
+# of [B, n_iters + 1, size] histories or [B, size] buffers: a pointer to the row and the batch
+# stride. The plans are rebuilt from a potential and the (mx, lt) normaliser of its half-step
+# (_plan), which the backward recomputes before its sweep.
 
 
 @triton.jit
 def _tiled_half_step_kernel(
-    own_ptr, oth_ptr, own_l_ptr, oth_l_ptr, oth_pot_ptr, out_pot_ptr,
-    OWN, OTH, K, own_pot_stride, oth_pot_stride, eps_hi, eps_lo, t_hi, t_lo,
+    own_ptr, oth_ptr, own_l_ptr, oth_l_ptr, h_ptr, pot_ptr, mx_ptr, lt_ptr,
+    OWN, OTH, K, h_stride, pot_stride, norm_stride, eps_hi, eps_lo, t_hi, t_lo,
     HAS_OWN_L: tl.constexpr, HAS_OTH_L: tl.constexpr, SOFTMAX: tl.constexpr, P: tl.constexpr,
-    UNIT: tl.constexpr, DTYPE: tl.constexpr, BO: tl.constexpr, BT: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    UNIT: tl.constexpr, WRITE_POT: tl.constexpr, WRITE_NORM: tl.constexpr,
+    DTYPE: tl.constexpr, BO: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out_i = eps*l_own - eps*LSE_j((h_j - C_ij)/eps) for one tile of own rows (h: the other
-    side's potentials), with an online LSE over the other side's tiles."""
+    """A half-step for one tile of own rows, S_ij = (h_j - C_ij)/eps with h the other side's
+    potential, by an online log-sum-exp over the other side's tiles: mx_i = max_j S_ij,
+    lt_i = log sum_j exp(S_ij - mx_i), the potential pot_i = eps*l_own - eps*(mx_i + lt_i)."""
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     own_n, _ = _length(own_l_ptr, b, OWN, HAS_OWN_L)
@@ -355,30 +379,35 @@ def _tiled_half_step_kernel(
             tmx, tinv = _softmax_stats(oth_ptr, jdx, tmask, K, inv_t, SOFTMAX, BT, BLOCK_K, DTYPE)
             C = _cost(own_ptr, idx, omask, omx, oinv, oth_ptr, jdx, tmask, tmx, tinv, K, inv_t,
                       P, SOFTMAX, DTYPE, BO, BT)
-            h = tl.load(oth_pot_ptr + b * oth_pot_stride + jdx, mask=tmask, other=0.0)
+            h = tl.load(h_ptr + b * h_stride + jdx, mask=tmask, other=0.0)
             S = tl.where(tmask[None, :], (h[None, :] - C) * inv_eps, float("-inf"))
             new = tl.maximum(mx, tl.max(S, 1))
             safe = tl.where(new == float("-inf"), 0.0, new)
             total = total * tl.exp(mx - safe) + tl.sum(tl.exp(S - safe[:, None]), 1)
             mx = new
-        total = tl.where(omask, total, 1.0)
-        pot = eps * _log_marginal(own_n, UNIT, DTYPE) - eps * (mx + tl.log(total))
-        tl.store(out_pot_ptr + b * own_pot_stride + idx, pot, mask=omask)
+        lt = tl.log(tl.where(omask, total, 1.0))
+        if WRITE_POT:
+            pot = eps * _log_marginal(own_n, UNIT, DTYPE) - eps * (mx + lt)
+            tl.store(pot_ptr + b * pot_stride + idx, pot, mask=omask)
+        if WRITE_NORM:
+            tl.store(mx_ptr + b * norm_stride + idx, mx, mask=omask)
+            tl.store(lt_ptr + b * norm_stride + idx, lt, mask=omask)
 
 
 @triton.jit
 def _tiled_plan_sum_kernel(
-    own_ptr, oth_ptr, own_l_ptr, oth_l_ptr, own_pot_ptr, oth_pot_ptr, oth_w_ptr, out_ptr,
-    OWN, OTH, K, own_stride, oth_stride, out_stride, eps_hi, eps_lo, t_hi, t_lo,
+    own_ptr, oth_ptr, own_l_ptr, oth_l_ptr, h_ptr, mx_ptr, lt_ptr, w_ptr, out_ptr,
+    OWN, OTH, K, n_iters, h_stride, norm_stride, w_stride, out_stride, eps_hi, eps_lo, t_hi, t_lo,
     HAS_OWN_L: tl.constexpr, HAS_OTH_L: tl.constexpr, SOFTMAX: tl.constexpr, P: tl.constexpr,
-    UNIT: tl.constexpr, ADJOINT: tl.constexpr, DTYPE: tl.constexpr, BO: tl.constexpr,
-    BT: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNIT: tl.constexpr, H_OWN: tl.constexpr, ADJOINT: tl.constexpr, DTYPE: tl.constexpr,
+    BO: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Row sums of a plan for one tile of own rows, u and v the own and other potentials:
+    """Row sums of a plan over one tile of own rows: pi = _plan(h, mx, lt) with h on the own
+    side and (mx, lt) on the other when H_OWN, the reverse otherwise.
 
-    ADJOINT: pi_ij = exp((u_i + v_j - C_ij)/eps - l_oth) (rows or columns of a Sinkhorn step's
-    softmax), out_i -= sum_j pi_ij w_j, out_i holding the adjoint's other terms;
-    otherwise: the loss term, out_i = sum_j P_ij C_ij with P_ij = exp((u_i + v_j - C_ij)/eps).
+    ADJOINT: out_i -= sum_j pi_ij w_j (out_i holds the adjoint's other terms);
+    otherwise the loss term: out_i = sum_j P_ij C_ij, P = e^{l} pi with l the log-marginal of
+    the normalised side (P = pi when n_iters = 0).
     """
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
@@ -386,67 +415,70 @@ def _tiled_plan_sum_kernel(
     oth_n, _ = _length(oth_l_ptr, b, OTH, HAS_OTH_L)
     if (tile * BO < own_n) & (oth_n > 0):
         eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
-        shift = tl.zeros([], DTYPE)
-        if ADJOINT:
-            shift = -_log_marginal(oth_n, UNIT, DTYPE)
         own_ptr += b * OWN * K
         oth_ptr += b * OTH * K
         idx = tile * BO + tl.arange(0, BO)
         omask = idx < own_n
         omx, oinv = _softmax_stats(own_ptr, idx, omask, K, inv_t, SOFTMAX, BO, BLOCK_K, DTYPE)
-        u = tl.load(own_pot_ptr + b * own_stride + idx, mask=omask, other=0.0)
+        if H_OWN:
+            h = tl.load(h_ptr + b * h_stride + idx, mask=omask, other=0.0)
+            scale = tl.exp(_log_marginal(oth_n, UNIT, DTYPE))
+        else:
+            mx = tl.load(mx_ptr + b * norm_stride + idx, mask=omask, other=0.0)
+            lt = tl.load(lt_ptr + b * norm_stride + idx, mask=omask, other=0.0)
+            scale = tl.exp(_log_marginal(own_n, UNIT, DTYPE))
         acc = tl.zeros([BO], DTYPE)
         for j0 in range(0, oth_n, BT):
             jdx = j0 + tl.arange(0, BT)
             tmask = jdx < oth_n
+            mask2 = omask[:, None] & tmask[None, :]
             tmx, tinv = _softmax_stats(oth_ptr, jdx, tmask, K, inv_t, SOFTMAX, BT, BLOCK_K, DTYPE)
             C = _cost(own_ptr, idx, omask, omx, oinv, oth_ptr, jdx, tmask, tmx, tinv, K, inv_t,
                       P, SOFTMAX, DTYPE, BO, BT)
-            v = tl.load(oth_pot_ptr + b * oth_stride + jdx, mask=tmask, other=0.0)
-            pi = _plan(u, v, C, omask[:, None] & tmask[None, :], shift, inv_eps)
+            if H_OWN:
+                mx = tl.load(mx_ptr + b * norm_stride + jdx, mask=tmask, other=0.0)
+                lt = tl.load(lt_ptr + b * norm_stride + jdx, mask=tmask, other=0.0)
+                pi = _plan(h, mx, lt, C, mask2, inv_eps, 0)
+            else:
+                h = tl.load(h_ptr + b * h_stride + jdx, mask=tmask, other=0.0)
+                pi = _plan(h, mx, lt, C, mask2, inv_eps, 1)
             if ADJOINT:
-                w = tl.load(oth_w_ptr + b * oth_stride + jdx, mask=tmask, other=0.0)
+                w = tl.load(w_ptr + b * w_stride + jdx, mask=tmask, other=0.0)
                 acc += tl.sum(pi * w[None, :], 1)
             else:
                 acc += tl.sum(pi * C, 1)
         out = out_ptr + b * out_stride + idx
         if ADJOINT:
             acc = tl.load(out, mask=omask, other=0.0) - acc
+        elif n_iters > 0:
+            acc = acc * scale
         tl.store(out, acc, mask=omask)
 
 
 @triton.jit
-def _plan_xy(f, g, C, mask2, shift, inv_eps, XAX: tl.constexpr):
-    """exp((f_i + g_j - C)/eps + shift) with x's index i along axis 1 - XAX of C (XAX = 1:
-    C is [x, y]; XAX = 0: C is [y, x])."""
-    S = tl.expand_dims(f, XAX) + tl.expand_dims(g, 1 - XAX) - C
-    return tl.where(mask2, tl.exp(S * inv_eps + shift), 0.0)
-
-
-@triton.jit
 def _tiled_gradient_kernel(
-    own_ptr, oth_ptr, own_l_ptr, oth_l_ptr, f_ptr, g_ptr, fbar_ptr, gbar_ptr, grad_ptr,
-    abar_ptr, out_ptr, OWN, OTH, M, N, K, n_iters, eps_hi, eps_lo, t_hi, t_lo,
+    own_ptr, oth_ptr, own_l_ptr, oth_l_ptr, f_ptr, g_ptr, fbar_ptr, gbar_ptr, mxr_ptr, ltr_ptr,
+    mxc_ptr, ltc_ptr, grad_ptr, abar_ptr, out_ptr, OWN, OTH, K, M, N, n_iters,
+    eps_hi, eps_lo, t_hi, t_lo,
     HAS_OWN_L: tl.constexpr, HAS_OTH_L: tl.constexpr, SOFTMAX: tl.constexpr, P: tl.constexpr,
-    UNIT: tl.constexpr, DETACH: tl.constexpr, XAX: tl.constexpr, DTYPE: tl.constexpr,
+    UNIT: tl.constexpr, DETACH: tl.constexpr, XA: tl.constexpr, DTYPE: tl.constexpr,
     BO: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Gradient of one tile of own rows (x's when XAX = 1, y's when XAX = 0): Cbar rebuilt tile
-    by tile from the saved potentials f, g and adjoints fbar, gbar, contracted with dC over the
-    other side into abar (out itself when T = 0), then the softmax backward into out."""
+    """Gradient of one tile of own rows: C is [x, y] when XA = 0 (own side x), [y, x] when
+    XA = 1 (x's index runs along axis XA, y's along 1 - XA). Cbar rebuilt tile by tile from the saved
+    potentials f, g, adjoints fbar, gbar and half-step normalisers (mxr, ltr of the f-steps on
+    x's side; mxc, ltc of the g-steps on y's), contracted with dC over the other side into abar
+    (out itself when T = 0), then the softmax backward into out."""
     b = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     own_n, own_ok = _length(own_l_ptr, b, OWN, HAS_OWN_L)
     oth_n, oth_ok = _length(oth_l_ptr, b, OTH, HAS_OTH_L)
     if (tile * BO < own_n) & (oth_n > 0):
         eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
-        if XAX == 1:
-            m = own_n
+        if XA == 0:
             n = oth_n
         else:
-            m = oth_n
             n = own_n
-        la = _log_marginal(m, UNIT, DTYPE)
         lb = _log_marginal(n, UNIT, DTYPE)
         grad = tl.load(grad_ptr + b).to(DTYPE)
         grad = tl.where(own_ok & oth_ok, grad, float("nan"))
@@ -456,10 +488,8 @@ def _tiled_gradient_kernel(
         out_ptr += b * OWN * K
         if not SOFTMAX:
             abar_ptr = out_ptr
-        f_ptr += b * (n_iters + 1) * M
-        fbar_ptr += b * (n_iters + 1) * M
-        g_ptr += b * (n_iters + 1) * N
-        gbar_ptr += b * (n_iters + 1) * N
+        x_off = b * (n_iters + 1) * M
+        y_off = b * (n_iters + 1) * N
         idx = tile * BO + tl.arange(0, BO)
         omask = idx < own_n
         omx, oinv = _softmax_stats(own_ptr, idx, omask, K, inv_t, SOFTMAX, BO, BLOCK_K, DTYPE)
@@ -470,31 +500,38 @@ def _tiled_gradient_kernel(
             tmx, tinv = _softmax_stats(oth_ptr, jdx, tmask, K, inv_t, SOFTMAX, BT, BLOCK_K, DTYPE)
             C = _cost(own_ptr, idx, omask, omx, oinv, oth_ptr, jdx, tmask, tmx, tinv, K, inv_t,
                       P, SOFTMAX, DTYPE, BO, BT)
-            if XAX == 1:
-                xi = idx
+            if XA == 0:
+                xi = x_off + idx
                 xm = omask
-                yj = jdx
+                yj = y_off + jdx
                 ym = tmask
             else:
-                xi = jdx
+                xi = x_off + jdx
                 xm = tmask
-                yj = idx
+                yj = y_off + idx
                 ym = omask
-            f = tl.load(f_ptr + n_iters * M + xi, mask=xm, other=0.0)
-            g = tl.load(g_ptr + n_iters * N + yj, mask=ym, other=0.0)
-            plan = _plan_xy(f, g, C, mask2, 0.0, inv_eps, XAX)
+            T = n_iters
+            f = tl.load(f_ptr + T * M + xi, mask=xm, other=0.0)
+            mx = tl.load(mxc_ptr + T * N + yj, mask=ym, other=0.0)
+            lt = tl.load(ltc_ptr + T * N + yj, mask=ym, other=0.0)
+            plan = _plan(f, mx, lt, C, mask2, inv_eps, XA)
+            if n_iters > 0:
+                plan = plan * tl.exp(lb)
             if DETACH:
                 Cbar = grad * plan
             else:
                 Cbar = grad * (plan - plan * C * inv_eps)
                 for t in range(1, n_iters + 1):
                     f = tl.load(f_ptr + t * M + xi, mask=xm, other=0.0)
-                    fbar = tl.load(fbar_ptr + t * M + xi, mask=xm, other=0.0)
-                    g = tl.load(g_ptr + t * N + yj, mask=ym, other=0.0)
+                    mx = tl.load(mxc_ptr + t * N + yj, mask=ym, other=0.0)
+                    lt = tl.load(ltc_ptr + t * N + yj, mask=ym, other=0.0)
                     gbar = tl.load(gbar_ptr + t * N + yj, mask=ym, other=0.0)
+                    Cbar += _plan(f, mx, lt, C, mask2, inv_eps, XA) * tl.expand_dims(gbar, XA)
                     g_prev = tl.load(g_ptr + (t - 1) * N + yj, mask=ym, other=0.0)
-                    Cbar += _plan_xy(f, g, C, mask2, -lb, inv_eps, XAX) * tl.expand_dims(gbar, 1 - XAX)
-                    Cbar += _plan_xy(f, g_prev, C, mask2, -la, inv_eps, XAX) * tl.expand_dims(fbar, XAX)
+                    mx = tl.load(mxr_ptr + t * M + xi, mask=xm, other=0.0)
+                    lt = tl.load(ltr_ptr + t * M + xi, mask=xm, other=0.0)
+                    fbar = tl.load(fbar_ptr + t * M + xi, mask=xm, other=0.0)
+                    Cbar += _plan(g_prev, mx, lt, C, mask2, inv_eps, 1 - XA) * tl.expand_dims(fbar, 1 - XA)
             for l in range(K):
                 a = _column(own_ptr, idx, omask, l, K, omx, oinv, inv_t, SOFTMAX, DTYPE)
                 c = _column(oth_ptr, jdx, tmask, l, K, tmx, tinv, inv_t, SOFTMAX, DTYPE)
@@ -537,21 +574,64 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _common(x, y, x_lengths, y_lengths, epsilon, temperature, p, unit_marginals):
+def _common(K, compute, epsilon, temperature, p, unit_marginals):
     """Kernel arguments shared by every launch."""
     eps_hi, eps_lo = _split(epsilon)
     t_hi, t_lo = _split(temperature if temperature > 0 else 1.0)
-    compute = _compute_dtype(x.dtype)
     return dict(
         eps_hi=eps_hi, eps_lo=eps_lo, t_hi=t_hi, t_lo=t_lo, SOFTMAX=temperature > 0, P=p,
         UNIT=unit_marginals, DTYPE=tl.float64 if compute == torch.float64 else tl.float32,
-        BLOCK_K=min(triton.next_power_of_2(x.shape[2]), MAX_BLOCK_K),
+        BLOCK_K=min(triton.next_power_of_2(K), MAX_BLOCK_K),
     )
 
 
-def _lengths(lengths, like):
-    """(pointer argument, present?): a contiguous lengths tensor, or any tensor when absent."""
-    return (like, False) if lengths is None else (lengths.contiguous(), True)
+class _Tiled:
+    """Launches of the tiled kernels for one batch, with x or y as the own side."""
+
+    def __init__(self, x, y, x_lengths, y_lengths, config, common):
+        self.side = {"x": (x, x_lengths), "y": (y, y_lengths)}
+        self.config = config
+        self.common = common
+
+    def _launch(self, kernel, own, *args, **constexprs):
+        (own_t, own_l), (oth_t, oth_l) = (self.side[own], self.side["y" if own == "x" else "x"])
+        B, OWN, K = own_t.shape
+        grid = (B, triton.cdiv(OWN, self.config.block_own))
+        kernel[grid](own_t, oth_t, own_t if own_l is None else own_l,
+                     own_t if oth_l is None else oth_l, *args[:-1], OWN, oth_t.shape[1], K,
+                     *args[-1], HAS_OWN_L=own_l is not None, HAS_OTH_L=oth_l is not None,
+                     BO=self.config.block_own, BT=self.config.block_other,
+                     num_warps=self.config.num_warps, **self.common, **constexprs)
+
+    def half_step(self, own, h, pot=None, mx=None, lt=None):
+        """pot (and/or the normaliser mx, lt) of the own side from the other side's potential h."""
+        write_pot, write_norm = pot is not None, mx is not None
+        pot = pot if write_pot else mx  # an unused pointer stands in for an absent output
+        mx, lt = (mx, lt) if write_norm else (pot, pot)
+        self._launch(_tiled_half_step_kernel, own, h, pot, mx, lt,
+                     (h.stride(0), pot.stride(0), mx.stride(0)), WRITE_POT=write_pot,
+                     WRITE_NORM=write_norm)
+
+    def plan_sum(self, own, h, mx, lt, out, n_iters, h_own=True, w=None):
+        """out = the loss term sum_j P_ij C_ij, or out -= pi w (an adjoint step) when w is given."""
+        self._launch(_tiled_plan_sum_kernel, own, h, mx, lt, out if w is None else w, out,
+                     (n_iters, h.stride(0), mx.stride(0), (out if w is None else w).stride(0),
+                      out.stride(0)), H_OWN=h_own, ADJOINT=w is not None)
+
+    def gradient(self, own, hist, grad, abar, out, n_iters, detach):
+        """The gradient of the own side's rows; hist = f, g, fbar, gbar, mxr, ltr, mxc, ltc."""
+        M, N = hist[0].shape[2], hist[1].shape[2]
+        self._launch(_tiled_gradient_kernel, own, *hist, grad, abar, out, (M, N, n_iters),
+                     DETACH=detach, XA=0 if own == "x" else 1)
+
+
+def _lengths_valid(x_lengths, y_lengths, M, N, B, device):
+    """[B] bool: both lengths in range (computed on the device, no synchronisation)."""
+    valid = torch.ones(B, dtype=torch.bool, device=device)
+    for lengths, size in ((x_lengths, M), (y_lengths, N)):
+        if lengths is not None:
+            valid &= (lengths >= 0) & (lengths <= size)
+    return valid
 
 
 def sinkhorn_forward(x, y, x_lengths, y_lengths, epsilon, n_iters, temperature, p,
@@ -561,72 +641,35 @@ def sinkhorn_forward(x, y, x_lengths, y_lengths, epsilon, n_iters, temperature, 
     N = y.shape[1]
     compute = _compute_dtype(x.dtype)
     x, y = x.contiguous(), y.contiguous()
-    loss = torch.zeros(B, dtype=compute, device=x.device)
-    f_hist = torch.zeros(B, n_iters + 1, M, dtype=compute, device=x.device)
-    g_hist = torch.zeros(B, n_iters + 1, N, dtype=compute, device=x.device)
+    x_lengths = None if x_lengths is None else x_lengths.contiguous()
+    y_lengths = None if y_lengths is None else y_lengths.contiguous()
+    new = functools.partial(torch.zeros, dtype=compute, device=x.device)
+    loss = new(B)
+    f_hist = new(B, n_iters + 1, M)
+    g_hist = new(B, n_iters + 1, N)
     if B == 0 or M == 0 or N == 0:
         return loss, f_hist, g_hist
     config = config or choose_config(M, N)
-    xl, has_xl = _lengths(x_lengths, x)
-    yl, has_yl = _lengths(y_lengths, x)
-    common = _common(x, y, x_lengths, y_lengths, epsilon, temperature, p, unit_marginals)
+    common = _common(K, compute, epsilon, temperature, p, unit_marginals)
     if config.onchip:
         _onchip_forward_kernel[(B,)](
-            x, y, xl, yl, loss, f_hist, g_hist, M, N, K, n_iters, HAS_XL=has_xl, HAS_YL=has_yl,
-            BM=triton.next_power_of_2(M), BN=triton.next_power_of_2(N),
-            num_warps=config.num_warps, **common)
+            x, y, x if x_lengths is None else x_lengths, x if y_lengths is None else y_lengths,
+            loss, f_hist, g_hist, M, N, K, n_iters, HAS_XL=x_lengths is not None,
+            HAS_YL=y_lengths is not None, BM=triton.next_power_of_2(M),
+            BN=triton.next_power_of_2(N), num_warps=config.num_warps, **common)
         return loss, f_hist, g_hist
 
-    sides = _Sides(x, y, xl, yl, has_xl, has_yl, config, common)
+    tiled = _Tiled(x, y, x_lengths, y_lengths, config, common)
+    mx, lt = new(B, N), new(B, N)  # the last g-step's normaliser: P's (0 when n_iters = 0)
     for t in range(1, n_iters + 1):
-        sides.half_step(own="x", oth_pot=g_hist[:, t - 1], out_pot=f_hist[:, t])
-        sides.half_step(own="y", oth_pot=f_hist[:, t], out_pot=g_hist[:, t])
-    row_terms = torch.zeros(B, M, dtype=compute, device=x.device)
-    sides.plan_sum(own="x", own_pot=f_hist[:, n_iters], oth_pot=g_hist[:, n_iters], out=row_terms)
-    loss.copy_(row_terms.sum(1))
-    if has_xl or has_yl:
-        valid = torch.ones(B, dtype=torch.bool, device=x.device)
-        for lengths, size in ((x_lengths, M), (y_lengths, N)):
-            if lengths is not None:
-                valid &= (lengths >= 0) & (lengths <= size)
-        loss.masked_fill_(~valid, float("nan"))
+        tiled.half_step("x", h=g_hist[:, t - 1], pot=f_hist[:, t])
+        tiled.half_step("y", h=f_hist[:, t], pot=g_hist[:, t], **(dict(mx=mx, lt=lt) if t == n_iters else {}))
+    row_terms = new(B, M)
+    tiled.plan_sum("x", f_hist[:, n_iters], mx, lt, row_terms, n_iters)
+    torch.sum(row_terms, 1, out=loss)
+    if x_lengths is not None or y_lengths is not None:
+        loss.masked_fill_(~_lengths_valid(x_lengths, y_lengths, M, N, B, x.device), float("nan"))
     return loss, f_hist, g_hist
-
-
-class _Sides:
-    """Launches of the tiled kernels with x or y as the own side."""
-
-    def __init__(self, x, y, xl, yl, has_xl, has_yl, config, common):
-        self.side = {"x": (x, xl, has_xl), "y": (y, yl, has_yl)}
-        self.config = config
-        self.common = common
-
-    def _args(self, own):
-        (own_t, own_l, has_own), (oth_t, oth_l, has_oth) = (
-            (self.side["x"], self.side["y"]) if own == "x" else (self.side["y"], self.side["x"]))
-        B, OWN, K = own_t.shape
-        grid = (B, triton.cdiv(OWN, self.config.block_own))
-        launch = dict(HAS_OWN_L=has_own, HAS_OTH_L=has_oth, BO=self.config.block_own,
-                      BT=self.config.block_other, num_warps=self.config.num_warps, **self.common)
-        return grid, (own_t, oth_t, own_l, oth_l), (OWN, oth_t.shape[1], K), launch
-
-    def half_step(self, own, oth_pot, out_pot):
-        grid, tensors, sizes, launch = self._args(own)
-        _tiled_half_step_kernel[grid](*tensors, oth_pot, out_pot, *sizes, out_pot.stride(0),
-                                      oth_pot.stride(0), **launch)
-
-    def plan_sum(self, own, own_pot, oth_pot, out, oth_w=None):
-        grid, tensors, sizes, launch = self._args(own)
-        _tiled_plan_sum_kernel[grid](*tensors, own_pot, oth_pot, oth_pot if oth_w is None else oth_w,
-                                     out, *sizes, own_pot.stride(0), oth_pot.stride(0), out.stride(0),
-                                     ADJOINT=oth_w is not None, **launch)
-
-    def gradient(self, own, f_hist, g_hist, fbar, gbar, grad, abar, out, n_iters, detach):
-        grid, tensors, sizes, launch = self._args(own)
-        M, N = f_hist.shape[2], g_hist.shape[2]
-        _tiled_gradient_kernel[grid](*tensors, f_hist, g_hist, fbar, gbar, grad, abar, out,
-                                     *sizes[:2], M, N, sizes[2], n_iters, DETACH=detach,
-                                     XAX=1 if own == "x" else 0, **launch)
 
 
 def sinkhorn_backward(grad, x, y, x_lengths, y_lengths, f_hist, g_hist, epsilon, temperature,
@@ -634,9 +677,11 @@ def sinkhorn_backward(grad, x, y, x_lengths, y_lengths, f_hist, g_hist, epsilon,
     """``mlot::sinkhorn_backward`` with the Triton kernels: (grad_x, grad_y)."""
     B, M, K = x.shape
     N = y.shape[1]
-    n_iters = f_hist.shape[1] - 1
+    T = f_hist.shape[1] - 1
     compute = _compute_dtype(x.dtype)
     x, y = x.contiguous(), y.contiguous()
+    x_lengths = None if x_lengths is None else x_lengths.contiguous()
+    y_lengths = None if y_lengths is None else y_lengths.contiguous()
     grad = grad.to(compute).contiguous()
     f_hist, g_hist = f_hist.contiguous(), g_hist.contiguous()
     grad_x = torch.zeros(B, M, K, dtype=compute, device=x.device)
@@ -644,39 +689,46 @@ def sinkhorn_backward(grad, x, y, x_lengths, y_lengths, f_hist, g_hist, epsilon,
     if B == 0 or M == 0 or N == 0:
         return grad_x.to(x.dtype), grad_y.to(y.dtype)
     config = config or choose_config(M, N)
-    xl, has_xl = _lengths(x_lengths, x)
-    yl, has_yl = _lengths(y_lengths, x)
-    common = _common(x, y, x_lengths, y_lengths, epsilon, temperature, p, unit_marginals)
-    softmax = temperature > 0
+    common = _common(K, compute, epsilon, temperature, p, unit_marginals)
     # Gradients with respect to the softmaxed rows, before the softmax backward.
-    abar = torch.zeros_like(grad_x) if softmax else grad_x
-    cbar = torch.zeros_like(grad_y) if softmax else grad_y
+    abar = torch.zeros_like(grad_x) if temperature > 0 else grad_x
+    cbar = torch.zeros_like(grad_y) if temperature > 0 else grad_y
     if config.onchip:
         _onchip_backward_kernel[(B,)](
-            grad, x, y, xl, yl, f_hist, g_hist, abar, cbar, grad_x, grad_y, M, N, K, n_iters,
-            HAS_XL=has_xl, HAS_YL=has_yl, DETACH=detach_plan, BM=triton.next_power_of_2(M),
-            BN=triton.next_power_of_2(N), num_warps=config.num_warps, **common)
+            grad, x, y, x if x_lengths is None else x_lengths, x if y_lengths is None else y_lengths,
+            f_hist, g_hist, abar, cbar, grad_x, grad_y, M, N, K, T,
+            HAS_XL=x_lengths is not None, HAS_YL=y_lengths is not None, DETACH=detach_plan,
+            BM=triton.next_power_of_2(M), BN=triton.next_power_of_2(N),
+            num_warps=config.num_warps, **common)
         return grad_x.to(x.dtype), grad_y.to(y.dtype)
 
-    sides = _Sides(x, y, xl, yl, has_xl, has_yl, config, common)
-    fbar = torch.zeros_like(f_hist)
-    gbar = torch.zeros_like(g_hist)
+    tiled = _Tiled(x, y, x_lengths, y_lengths, config, common)
+    # Normalisers of the half-steps (index t; 0 at t = 0): f-steps' rows, g-steps' columns.
+    mxr, ltr = torch.zeros_like(f_hist), torch.zeros_like(f_hist)
+    mxc, ltc = torch.zeros_like(g_hist), torch.zeros_like(g_hist)
     if not detach_plan:
-        T = n_iters
-        sides.plan_sum(own="x", own_pot=f_hist[:, T], oth_pot=g_hist[:, T], out=fbar[:, T])
-        sides.plan_sum(own="y", own_pot=g_hist[:, T], oth_pot=f_hist[:, T], out=gbar[:, T])
-        fbar[:, T] *= grad[:, None] / epsilon
-        gbar[:, T] *= grad[:, None] / epsilon
+        for t in range(1, T + 1):
+            tiled.half_step("x", h=g_hist[:, t - 1], mx=mxr[:, t], lt=ltr[:, t])
+            tiled.half_step("y", h=f_hist[:, t], mx=mxc[:, t], lt=ltc[:, t])
+    elif T > 0:  # P's only
+        tiled.half_step("y", h=f_hist[:, T], mx=mxc[:, T], lt=ltc[:, T])
+    fbar, gbar = torch.zeros_like(f_hist), torch.zeros_like(g_hist)
+    if not detach_plan:
+        scale = (grad / epsilon)[:, None]
+        tiled.plan_sum("x", f_hist[:, T], mxc[:, T], ltc[:, T], fbar[:, T], T)
+        tiled.plan_sum("y", f_hist[:, T], mxc[:, T], ltc[:, T], gbar[:, T], T, h_own=False)
+        fbar[:, T] *= scale
+        gbar[:, T] *= scale
         for t in range(T, 0, -1):
             # g^t = g-step(f^t):  fbar^t -= pi^g gbar^t
-            sides.plan_sum(own="x", own_pot=f_hist[:, t], oth_pot=g_hist[:, t],
-                           oth_w=gbar[:, t], out=fbar[:, t])
+            tiled.plan_sum("x", f_hist[:, t], mxc[:, t], ltc[:, t], fbar[:, t], T, w=gbar[:, t])
             # f^t = f-step(g^{t-1}):  gbar^{t-1} = -(pi^f)^T fbar^t
             if t > 1:
-                sides.plan_sum(own="y", own_pot=g_hist[:, t - 1], oth_pot=f_hist[:, t],
-                               oth_w=fbar[:, t], out=gbar[:, t - 1])
-    sides.gradient("x", f_hist, g_hist, fbar, gbar, grad, abar, grad_x, n_iters, detach_plan)
-    sides.gradient("y", f_hist, g_hist, fbar, gbar, grad, cbar, grad_y, n_iters, detach_plan)
+                tiled.plan_sum("y", g_hist[:, t - 1], mxr[:, t], ltr[:, t], gbar[:, t - 1], T,
+                               w=fbar[:, t])
+    hist = (f_hist, g_hist, fbar, gbar, mxr, ltr, mxc, ltc)
+    tiled.gradient("x", hist, grad, abar, grad_x, T, detach_plan)
+    tiled.gradient("y", hist, grad, cbar, grad_y, T, detach_plan)
     return grad_x.to(x.dtype), grad_y.to(y.dtype)
 
 

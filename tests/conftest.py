@@ -1,11 +1,19 @@
-"""Shared input builders: fresh random problems for the op tests and the benchmarks' checks."""
+"""Shared input builders: fresh random problems for the op tests and the benchmarks' checks.
 
+Without a CUDA GPU the Triton kernels run under the Triton interpreter on CPU tensors; the
+interpreter is chosen when the kernels are defined, so before mlot_kernels is imported.
+"""
+
+import os
 import zlib
 
 import pytest
 import torch
 
-import mlot_kernels  # noqa: F401  (registers torch.ops.mlot)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import mlot_kernels  # noqa: E402,F401  (registers torch.ops.mlot)
 
 
 @pytest.fixture
@@ -49,3 +57,17 @@ def value_and_grads(fn, x, y, weights, *args, **kwargs):
     loss = fn(x, y, *args, **kwargs)
     gx, gy = torch.autograd.grad((loss * weights.to(loss.dtype)).sum(), (x, y))
     return loss.detach(), gx, gy
+
+
+def make_problem(gen, B, M, N, K, kind, lengths, dtype=torch.float64):
+    """x [B, M, K], y [B, N, K] of one kind, and their lengths."""
+    x = make_vectors(gen, (B, M, K), kind, dtype)
+    y = make_vectors(gen, (B, N, K), kind, dtype)
+    return x, y, make_lengths(gen, B, M, lengths), make_lengths(gen, B, N, lengths)
+
+
+def assert_close_rel(actual, expected, rtol):
+    """Agreement to rtol relative to the largest magnitude of `expected`."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol,
+                               atol=rtol * max(scale, 1e-30))

@@ -10,7 +10,7 @@ import torch
 
 import mlot_kernels
 from mlot_kernels import reference
-from tests.conftest import make_lengths, make_vectors, value_and_grads
+from tests.conftest import assert_close_rel, make_problem, make_vectors, value_and_grads
 
 OPS = torch.ops.mlot
 
@@ -31,19 +31,6 @@ CASES = [
 CASE_IDS = ["B{}-M{}-N{}-K{}-p{}-T{}-{}-{}".format(*c) for c in CASES]
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-
-
-def make_problem(gen, B, M, N, K, kind, lengths, dtype=torch.float64):
-    x = make_vectors(gen, (B, M, K), kind, dtype)
-    y = make_vectors(gen, (B, N, K), kind, dtype)
-    return x, y, make_lengths(gen, B, M, lengths), make_lengths(gen, B, N, lengths)
-
-
-def assert_close_rel(actual, expected, rtol):
-    """Agreement to rtol relative to the largest magnitude of `expected`."""
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol,
-                               atol=rtol * max(scale, 1e-30))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

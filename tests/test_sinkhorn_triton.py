@@ -30,7 +30,7 @@ CASES = [
     (2, 5, 3, 4, 2, 1.0, "logits", "random", False, False),
     (3, 9, 13, 6, 1, 2.0, "logits", "random", True, False),
     (2, 1, 11, 5, 1, 0.0, "probs", "full", False, True),
-    (3, 12, 7, 70, 1, 0.5, "logits", "zero-and-full", True, True),
+    (2, 6, 5, 66, 1, 0.5, "logits", "zero-and-full", True, True),
     (2, 8, 8, 3, 2, 0.0, "raw", "random", False, False),
 ]
 CASE_IDS = ["B{}-M{}-N{}-K{}-p{}-T{}-{}-{}-unit{}-detach{}".format(*c) for c in CASES]
@@ -60,7 +60,7 @@ def test_half_inputs_compute_in_float32(gen, config, dtype):
     input dtype."""
     x, y, xl, yl = make_problem(gen, 2, 7, 9, 10, "logits", "random", dtype)
     weights = torch.rand(2, generator=gen) + 0.5
-    opts = dict(n_iters=6, temperature=2.0, unit_marginals=True)
+    opts = dict(n_iters=4, temperature=2.0, unit_marginals=True)
     loss, gx, gy = value_and_grads(triton_loss(config), x, y, weights, xl, yl, **opts)
     loss32, gx32, gy32 = value_and_grads(triton_loss(config), x.float(), y.float(), weights, xl,
                                          yl, **opts)
@@ -114,7 +114,7 @@ def triton_kernels_on_cpu(request):
         yield config
 
 
-@pytest.mark.filterwarnings("ignore:.*Overriding a previously registered kernel")
+@pytest.mark.filterwarnings("ignore:Warning only once for all operators")
 @pytest.mark.parametrize("triton_kernels_on_cpu", CONFIGS.values(), ids=CONFIGS.keys(), indirect=True)
 def test_opcheck(gen, triton_kernels_on_cpu):
     """opcheck (schema, autograd registration, fake kernel, AOT dispatch) with the Triton
@@ -160,9 +160,9 @@ def test_edges_stay_finite_and_exact(gen, config):
     logits = make_vectors(gen, (2, 6, 8), "logits", torch.float32)
     logits[:, :, 5:] = float("-inf")
     cases = [
-        (one_hot, one_hot.flip(1), dict(unit_marginals=True), 1e-4),
-        (probs, probs.clone(), dict(temperature=1.0), 1e-4),
-        (probs, probs.flip(1), dict(epsilon=1e-3, n_iters=6), 1e-3),
+        (one_hot, one_hot.flip(1), dict(n_iters=5, unit_marginals=True), 1e-4),
+        (probs, probs.clone(), dict(n_iters=5, temperature=1.0), 1e-4),
+        (probs, probs.flip(1), dict(epsilon=1e-3, n_iters=5), 1e-3),
         (logits, logits.flip(1), dict(n_iters=0, temperature=1.0), 1e-4),
         (logits, logits.flip(1), dict(n_iters=4, temperature=1.0), 1e-4),
     ]

@@ -213,6 +213,25 @@ def _log_marginal(length, UNIT: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _onchip_problem(x_ptr, y_ptr, m, n, K, inv_t, P: tl.constexpr, SOFTMAX: tl.constexpr,
+                    UNIT: tl.constexpr, DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """A whole problem's indices and masks, softmax statistics of its rows, cost matrix C and
+    log-marginals."""
+    rows = tl.arange(0, BM)
+    cols = tl.arange(0, BN)
+    rmask = rows < m
+    cmask = cols < n
+    mask2 = rmask[:, None] & cmask[None, :]
+    xmx, xinv = _softmax_stats(x_ptr, rows, rmask, K, inv_t, SOFTMAX, BM, BLOCK_K, DTYPE)
+    ymx, yinv = _softmax_stats(y_ptr, cols, cmask, K, inv_t, SOFTMAX, BN, BLOCK_K, DTYPE)
+    C = _cost(x_ptr, rows, rmask, xmx, xinv, y_ptr, cols, cmask, ymx, yinv, K, inv_t,
+              P, SOFTMAX, DTYPE, BM, BN)
+    return (rows, cols, rmask, cmask, mask2, xmx, xinv, ymx, yinv, C,
+            _log_marginal(m, UNIT, DTYPE), _log_marginal(n, UNIT, DTYPE))
+
+
+@triton.jit
 def _onchip_forward_kernel(
     x_ptr, y_ptr, xl_ptr, yl_ptr, loss_ptr, f_ptr, g_ptr,
     M, N, K, n_iters, eps_hi, eps_lo, t_hi, t_lo,
@@ -230,17 +249,8 @@ def _onchip_forward_kernel(
     f_ptr += b * (n_iters + 1) * M
     g_ptr += b * (n_iters + 1) * N
 
-    rows = tl.arange(0, BM)
-    cols = tl.arange(0, BN)
-    rmask = rows < m
-    cmask = cols < n
-    mask2 = rmask[:, None] & cmask[None, :]
-    xmx, xinv = _softmax_stats(x_ptr, rows, rmask, K, inv_t, SOFTMAX, BM, BLOCK_K, DTYPE)
-    ymx, yinv = _softmax_stats(y_ptr, cols, cmask, K, inv_t, SOFTMAX, BN, BLOCK_K, DTYPE)
-    C = _cost(x_ptr, rows, rmask, xmx, xinv, y_ptr, cols, cmask, ymx, yinv, K, inv_t,
-              P, SOFTMAX, DTYPE, BM, BN)
-    la = _log_marginal(m, UNIT, DTYPE)
-    lb = _log_marginal(n, UNIT, DTYPE)
+    rows, cols, rmask, cmask, mask2, xmx, xinv, ymx, yinv, C, la, lb = _onchip_problem(
+        x_ptr, y_ptr, m, n, K, inv_t, P, SOFTMAX, UNIT, DTYPE, BM, BN, BLOCK_K)
 
     f = tl.zeros([BM], DTYPE)
     g = tl.zeros([BN], DTYPE)
@@ -284,17 +294,8 @@ def _onchip_backward_kernel(
     grad = tl.load(grad_ptr + b).to(DTYPE)
     grad = tl.where(m_ok & n_ok, grad, float("nan"))
 
-    rows = tl.arange(0, BM)
-    cols = tl.arange(0, BN)
-    rmask = rows < m
-    cmask = cols < n
-    mask2 = rmask[:, None] & cmask[None, :]
-    xmx, xinv = _softmax_stats(x_ptr, rows, rmask, K, inv_t, SOFTMAX, BM, BLOCK_K, DTYPE)
-    ymx, yinv = _softmax_stats(y_ptr, cols, cmask, K, inv_t, SOFTMAX, BN, BLOCK_K, DTYPE)
-    C = _cost(x_ptr, rows, rmask, xmx, xinv, y_ptr, cols, cmask, ymx, yinv, K, inv_t,
-              P, SOFTMAX, DTYPE, BM, BN)
-    la = _log_marginal(m, UNIT, DTYPE)
-    lb = _log_marginal(n, UNIT, DTYPE)
+    rows, cols, rmask, cmask, mask2, xmx, xinv, ymx, yinv, C, la, lb = _onchip_problem(
+        x_ptr, y_ptr, m, n, K, inv_t, P, SOFTMAX, UNIT, DTYPE, BM, BN, BLOCK_K)
 
     f = tl.load(f_ptr + n_iters * M + rows, mask=rmask, other=0.0)
     zeros = tl.zeros([BN], DTYPE)

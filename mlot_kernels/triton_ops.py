@@ -351,6 +351,30 @@ def _onchip_backward_kernel(
 
 
 @triton.jit
+def _own_tile(own_ptr, tile, own_n, K, inv_t, SOFTMAX: tl.constexpr, DTYPE: tl.constexpr,
+              BO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The program's own rows: indices, mask and softmax statistics."""
+    idx = tile * BO + tl.arange(0, BO)
+    omask = idx < own_n
+    omx, oinv = _softmax_stats(own_ptr, idx, omask, K, inv_t, SOFTMAX, BO, BLOCK_K, DTYPE)
+    return idx, omask, omx, oinv
+
+
+@triton.jit
+def _other_tile(own_ptr, idx, omask, omx, oinv, oth_ptr, j0, oth_n, K, inv_t, P: tl.constexpr,
+                SOFTMAX: tl.constexpr, DTYPE: tl.constexpr, BO: tl.constexpr, BT: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """The other side's tile starting at j0: indices, mask, softmax statistics and the cost
+    C [BO, BT] against the own rows."""
+    jdx = j0 + tl.arange(0, BT)
+    tmask = jdx < oth_n
+    tmx, tinv = _softmax_stats(oth_ptr, jdx, tmask, K, inv_t, SOFTMAX, BT, BLOCK_K, DTYPE)
+    C = _cost(own_ptr, idx, omask, omx, oinv, oth_ptr, jdx, tmask, tmx, tinv, K, inv_t,
+              P, SOFTMAX, DTYPE, BO, BT)
+    return jdx, tmask, tmx, tinv, C
+
+
+@triton.jit
 def _tiled_half_step_kernel(
     own_ptr, oth_ptr, own_l_ptr, oth_l_ptr, h_ptr, pot_ptr, mx_ptr, lt_ptr,
     OWN, OTH, K, h_stride, pot_stride, norm_stride, eps_hi, eps_lo, t_hi, t_lo,
@@ -369,17 +393,12 @@ def _tiled_half_step_kernel(
         eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
         own_ptr += b * OWN * K
         oth_ptr += b * OTH * K
-        idx = tile * BO + tl.arange(0, BO)
-        omask = idx < own_n
-        omx, oinv = _softmax_stats(own_ptr, idx, omask, K, inv_t, SOFTMAX, BO, BLOCK_K, DTYPE)
+        idx, omask, omx, oinv = _own_tile(own_ptr, tile, own_n, K, inv_t, SOFTMAX, DTYPE, BO, BLOCK_K)
         mx = tl.full([BO], float("-inf"), DTYPE)
         total = tl.zeros([BO], DTYPE)
         for j0 in range(0, oth_n, BT):
-            jdx = j0 + tl.arange(0, BT)
-            tmask = jdx < oth_n
-            tmx, tinv = _softmax_stats(oth_ptr, jdx, tmask, K, inv_t, SOFTMAX, BT, BLOCK_K, DTYPE)
-            C = _cost(own_ptr, idx, omask, omx, oinv, oth_ptr, jdx, tmask, tmx, tinv, K, inv_t,
-                      P, SOFTMAX, DTYPE, BO, BT)
+            jdx, tmask, tmx, tinv, C = _other_tile(own_ptr, idx, omask, omx, oinv, oth_ptr, j0, oth_n, K,
+                                                   inv_t, P, SOFTMAX, DTYPE, BO, BT, BLOCK_K)
             h = tl.load(h_ptr + b * h_stride + jdx, mask=tmask, other=0.0)
             S = tl.where(tmask[None, :], (h[None, :] - C) * inv_eps, float("-inf"))
             new = tl.maximum(mx, tl.max(S, 1))
@@ -418,9 +437,7 @@ def _tiled_plan_sum_kernel(
         eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
         own_ptr += b * OWN * K
         oth_ptr += b * OTH * K
-        idx = tile * BO + tl.arange(0, BO)
-        omask = idx < own_n
-        omx, oinv = _softmax_stats(own_ptr, idx, omask, K, inv_t, SOFTMAX, BO, BLOCK_K, DTYPE)
+        idx, omask, omx, oinv = _own_tile(own_ptr, tile, own_n, K, inv_t, SOFTMAX, DTYPE, BO, BLOCK_K)
         if H_OWN:
             h = tl.load(h_ptr + b * h_stride + idx, mask=omask, other=0.0)
             scale = tl.exp(_log_marginal(oth_n, UNIT, DTYPE))
@@ -430,12 +447,9 @@ def _tiled_plan_sum_kernel(
             scale = tl.exp(_log_marginal(own_n, UNIT, DTYPE))
         acc = tl.zeros([BO], DTYPE)
         for j0 in range(0, oth_n, BT):
-            jdx = j0 + tl.arange(0, BT)
-            tmask = jdx < oth_n
+            jdx, tmask, tmx, tinv, C = _other_tile(own_ptr, idx, omask, omx, oinv, oth_ptr, j0, oth_n, K,
+                                                   inv_t, P, SOFTMAX, DTYPE, BO, BT, BLOCK_K)
             mask2 = omask[:, None] & tmask[None, :]
-            tmx, tinv = _softmax_stats(oth_ptr, jdx, tmask, K, inv_t, SOFTMAX, BT, BLOCK_K, DTYPE)
-            C = _cost(own_ptr, idx, omask, omx, oinv, oth_ptr, jdx, tmask, tmx, tinv, K, inv_t,
-                      P, SOFTMAX, DTYPE, BO, BT)
             if H_OWN:
                 mx = tl.load(mx_ptr + b * norm_stride + jdx, mask=tmask, other=0.0)
                 lt = tl.load(lt_ptr + b * norm_stride + jdx, mask=tmask, other=0.0)
@@ -491,16 +505,11 @@ def _tiled_gradient_kernel(
             abar_ptr = out_ptr
         x_off = b * (n_iters + 1) * M
         y_off = b * (n_iters + 1) * N
-        idx = tile * BO + tl.arange(0, BO)
-        omask = idx < own_n
-        omx, oinv = _softmax_stats(own_ptr, idx, omask, K, inv_t, SOFTMAX, BO, BLOCK_K, DTYPE)
+        idx, omask, omx, oinv = _own_tile(own_ptr, tile, own_n, K, inv_t, SOFTMAX, DTYPE, BO, BLOCK_K)
         for j0 in range(0, oth_n, BT):
-            jdx = j0 + tl.arange(0, BT)
-            tmask = jdx < oth_n
+            jdx, tmask, tmx, tinv, C = _other_tile(own_ptr, idx, omask, omx, oinv, oth_ptr, j0, oth_n, K,
+                                                   inv_t, P, SOFTMAX, DTYPE, BO, BT, BLOCK_K)
             mask2 = omask[:, None] & tmask[None, :]
-            tmx, tinv = _softmax_stats(oth_ptr, jdx, tmask, K, inv_t, SOFTMAX, BT, BLOCK_K, DTYPE)
-            C = _cost(own_ptr, idx, omask, omx, oinv, oth_ptr, jdx, tmask, tmx, tinv, K, inv_t,
-                      P, SOFTMAX, DTYPE, BO, BT)
             if XA == 0:
                 xi = x_off + idx
                 xm = omask
@@ -532,7 +541,8 @@ def _tiled_gradient_kernel(
                     mx = tl.load(mxr_ptr + t * M + xi, mask=xm, other=0.0)
                     lt = tl.load(ltr_ptr + t * M + xi, mask=xm, other=0.0)
                     fbar = tl.load(fbar_ptr + t * M + xi, mask=xm, other=0.0)
-                    Cbar += _plan(g_prev, mx, lt, C, mask2, inv_eps, 1 - XA) * tl.expand_dims(fbar, 1 - XA)
+                    pi_f = _plan(g_prev, mx, lt, C, mask2, inv_eps, 1 - XA)
+                    Cbar += pi_f * tl.expand_dims(fbar, 1 - XA)
             for l in range(K):
                 a = _column(own_ptr, idx, omask, l, K, omx, oinv, inv_t, SOFTMAX, DTYPE)
                 c = _column(oth_ptr, jdx, tmask, l, K, tmx, tinv, inv_t, SOFTMAX, DTYPE)
@@ -664,7 +674,9 @@ def sinkhorn_forward(x, y, x_lengths, y_lengths, epsilon, n_iters, temperature, 
     mx, lt = new(B, N), new(B, N)  # the last g-step's normaliser: P's (0 when n_iters = 0)
     for t in range(1, n_iters + 1):
         tiled.half_step("x", h=g_hist[:, t - 1], pot=f_hist[:, t])
-        tiled.half_step("y", h=f_hist[:, t], pot=g_hist[:, t], **(dict(mx=mx, lt=lt) if t == n_iters else {}))
+        last = t == n_iters
+        tiled.half_step("y", h=f_hist[:, t], pot=g_hist[:, t], mx=mx if last else None,
+                        lt=lt if last else None)
     row_terms = new(B, M)
     tiled.plan_sum("x", f_hist[:, n_iters], mx, lt, row_terms, n_iters)
     torch.sum(row_terms, 1, out=loss)

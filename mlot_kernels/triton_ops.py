@@ -567,6 +567,12 @@ class Config:
     block_other: int = TILE_OTHER
     num_warps: int = 4
 
+    def __post_init__(self):
+        for name in ("block_own", "block_other", "num_warps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1 and value & (value - 1) == 0):
+                raise ValueError(f"Config: {name} must be a power of 2, got {value!r}")
+
 
 def choose_config(M: int, N: int) -> Config:
     entries = triton.next_power_of_2(M) * triton.next_power_of_2(N)

@@ -210,11 +210,13 @@ def test_out_of_range_lengths_give_nan(gen, config):
 
 
 def test_bad_arguments_raise_the_ops_errors():
-    """sinkhorn_loss checks its arguments as the op does."""
+    """sinkhorn_loss checks its arguments as the op does; Config its tile sizes."""
     with pytest.raises(RuntimeError, match=r"sinkhorn_loss: p must be 1 or 2, got 3"):
         triton_ops.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 4), p=3)
     with pytest.raises(RuntimeError, match=r"same vector size K"):
         triton_ops.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 6))
+    with pytest.raises(ValueError, match=r"Config: block_other must be a power of 2, got 12"):
+        triton_ops.Config(onchip=False, block_other=12)
 
 
 def test_regime_choice():

@@ -59,7 +59,7 @@
 #include <cmath>
 #include <limits>
 
-#include "sinkhorn.h"
+#include "ops.h"
 #include "vec_math.h"
 
 namespace mlot {
@@ -681,10 +681,6 @@ void backward_problem(T grad, const T* x, const T* y, int64_t m, int64_t n, int6
 
 // ---------------------------------------------------------------- batch entry points
 
-at::ScalarType compute_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "sinkhorn_loss: the CPU kernel got tensors on ",
               x.device());
@@ -699,8 +695,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_forward_cpu(
   check_sinkhorn_args(x, y, x_lengths, y_lengths, epsilon, n_iters, temperature, p);
   check_cpu(x);
   const int64_t B = x.size(0), M = x.size(1), N = y.size(1), K = x.size(2);
-  const at::Tensor lx = lengths_or_full(x_lengths, B, M, "x_lengths", "M");
-  const at::Tensor ly = lengths_or_full(y_lengths, B, N, "y_lengths", "N");
+  const at::Tensor lx = lengths_or_full(x_lengths, B, M, "sinkhorn_loss", "x_lengths", "M");
+  const at::Tensor ly = lengths_or_full(y_lengths, B, N, "sinkhorn_loss", "y_lengths", "N");
   const auto dtype = compute_dtype(x);
   const at::Tensor xc = x.to(dtype).contiguous();
   const at::Tensor yc = y.to(dtype).contiguous();
@@ -738,8 +734,8 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(
                   f_hist.scalar_type() == dtype && g_hist.scalar_type() == dtype,
               "sinkhorn_backward: f_hist and g_hist must be the potentials saved by "
               "sinkhorn_forward for these inputs");
-  const at::Tensor lx = lengths_or_full(x_lengths, B, M, "x_lengths", "M");
-  const at::Tensor ly = lengths_or_full(y_lengths, B, N, "y_lengths", "N");
+  const at::Tensor lx = lengths_or_full(x_lengths, B, M, "sinkhorn_loss", "x_lengths", "M");
+  const at::Tensor ly = lengths_or_full(y_lengths, B, N, "sinkhorn_loss", "y_lengths", "N");
   const at::Tensor xc = x.to(dtype).contiguous();
   const at::Tensor yc = y.to(dtype).contiguous();
   const at::Tensor gc = grad.to(dtype).contiguous();

@@ -8,8 +8,9 @@ import importlib.util
 
 from mlot_kernels import reference
 from mlot_kernels.sinkhorn import SinkhornLoss, sinkhorn_loss
+from mlot_kernels.topk_probs import topk_probs
 
 if importlib.util.find_spec("triton") is not None:
     from mlot_kernels import triton_ops  # noqa: F401  (registers the CUDA kernels)
 
-__all__ = ["SinkhornLoss", "reference", "sinkhorn_loss"]
+__all__ = ["SinkhornLoss", "reference", "sinkhorn_loss", "topk_probs"]

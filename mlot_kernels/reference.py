@@ -51,3 +51,35 @@ def transport_plan(cost, epsilon, n_iters, unit_marginals):
         f = epsilon * log_a - epsilon * torch.logsumexp((g[None, :] - cost) / epsilon, dim=1)
         g = epsilon * log_b - epsilon * torch.logsumexp((f[:, None] - cost) / epsilon, dim=0)
     return torch.exp((f[:, None] + g[None, :] - cost) / epsilon)
+
+
+def topk_probs(logits, lengths=None, k=50, temperature=1.0, std_scale=False, ranking="sequence"):
+    """Reference of ``torch.ops.mlot.topk_probs``: full-vocabulary softmax, sort, gather.
+
+    Returns (probs [B, L, k], indices): rows past the lengths are 0 (index -1 under 'token'
+    ranking), columns past V are 0 with index -1.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    batch, length, vocab = logits.shape
+    z = logits.to(dtype)
+    if std_scale:
+        z = z / (z.std(dim=-1, keepdim=True) + 1e-4)
+    probs = torch.softmax(z / temperature, dim=-1)
+    lengths = torch.full((batch,), length) if lengths is None else lengths.cpu()
+    valid = (torch.arange(length)[None, :] < lengths[:, None]).to(logits.device)
+    probs = torch.where(valid[..., None], probs, torch.zeros((), dtype=dtype, device=probs.device))
+    if vocab < k:  # columns past V: probability 0, index -1
+        probs = torch.nn.functional.pad(probs, (0, k - vocab))
+    if ranking == "token":
+        order = probs.argsort(dim=-1, descending=True, stable=True)[..., :k]
+        out = probs.gather(2, order)
+        order = order.masked_fill(~valid[..., None], -1)
+    elif ranking == "sequence":
+        order = probs.sum(1).argsort(dim=-1, descending=True, stable=True)[:, :k]
+        out = probs.gather(2, order[:, None, :].expand(batch, length, k))
+    elif ranking == "batch":
+        order = probs.sum((0, 1)).argsort(descending=True, stable=True)[:k]
+        out = probs[..., order]
+    else:
+        raise ValueError(f"topk_probs: ranking must be 'token', 'sequence' or 'batch', got {ranking!r}")
+    return out, order.masked_fill(order >= vocab, -1)

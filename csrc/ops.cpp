@@ -13,8 +13,8 @@
 //
 //   topk_probs      public op, CompositeImplicitAutograd over topk_probs_forward:
 //                   (probs, indices).
-//   topk_probs_forward   (probs [B, L, k], indices, row_stats [B, L, 5]): the
-//                   per-row statistics (log-normaliser, std scale, mean, std,
+//   topk_probs_forward   (probs [B, L, k], indices, row_stats [B, L, 6]): the
+//                   per-row statistics (max, log-sum, std scale, mean, std,
 //                   E_q[z]) are what the backward needs besides the logits.
 //   topk_probs_backward  grad_logits from the saved statistics, in one pass.
 #include <torch/library.h>

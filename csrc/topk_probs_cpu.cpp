@@ -3,13 +3,14 @@
 // For each valid row z (V logits) of logits [B, L, V]:
 //
 //   s    = std(z, unbiased) + 1e-4  if std_scale, else 1
-//   u_v  = z_v / (s T),   lse = log sum_v exp(u_v),   q_v = exp(u_v - lse)
+//   u_v  = z_v / (s T),   q_v = softmax(u)_v = exp((z_v - max z) / (s T) - log_sum),
+//   log_sum = log sum_v exp((z_v - max z) / (s T))
 //   mass = sum of q over the valid rows of a sequence (ranking 'sequence') or of the
 //          batch ('batch'); the top k columns of the mass (or of each row, 'token')
 //   probs[j] = q_{idx_j}  (0 for idx_j = -1, a column past V)
 //
 // The [B, L, V] probabilities are never stored: a first pass per row keeps the
-// row statistics (lse, s, mean, std, E_q[z]) in row_stats [B, L, 5]; the ranking
+// row statistics (max z, log_sum, s, mean, std, E_q[z]) in row_stats [B, L, 6]; the ranking
 // mass recomputes q from them column block by column block; the gather computes
 // the k chosen q's. A row's order is that of its logits (s T > 0), so 'token'
 // ranking takes at::topk of the logits themselves.
@@ -36,7 +37,9 @@ namespace mlot {
 namespace {
 
 constexpr int64_t kChunk = 512;  // columns per block: the row statistics work on L1-sized blocks
-constexpr int kStats = 5;        // row_stats columns: lse, scale, mean, std, E_q[z]
+// row_stats columns: max z, log_sum, scale s, mean, std, E_q[z]. Exponents are taken as
+// (z - max) / (s T) - log_sum, both terms small, so q keeps float32's relative precision.
+constexpr int kStats = 6;
 
 // dst[0..n) = src[0..n) in the compute type.
 template <typename scalar_t, typename T>
@@ -97,11 +100,12 @@ void row_stats(const scalar_t* z, int64_t V, T inv_t, bool std_scale, T* out) {
     sum += s;
     zsum += zs;
   }
-  out[0] = mx * inv + std::log(sum);
-  out[1] = scale;
-  out[2] = mean;
-  out[3] = stdv;
-  out[4] = std_scale ? zsum / sum : T(0);
+  out[0] = mx;
+  out[1] = std::log(sum);
+  out[2] = scale;
+  out[3] = mean;
+  out[4] = stdv;
+  out[5] = std_scale ? zsum / sum : T(0);
 }
 
 // The chosen column indices of row (b, i): k entries, -1 past V.
@@ -160,10 +164,10 @@ void forward_kernel(const at::Tensor& zt, const int64_t* len, int64_t k, double 
         T* out = ms + b * V + c0;
         for (int64_t i = 0; i < len[b]; ++i) {
           const T* s = st + (b * L + i) * kStats;
-          const T inv = inv_t / s[1], lse = s[0];
+          const T mx = s[0], log_sum = s[1], inv = inv_t / s[2];
           load_chunk(z + (b * L + i) * V + c0, n, buf);
 #pragma omp simd
-          for (int64_t v = 0; v < n; ++v) out[v] += exp_simd(buf[v] * inv - lse);
+          for (int64_t v = 0; v < n; ++v) out[v] += exp_simd((buf[v] - mx) * inv - log_sum);
         }
       }
     });
@@ -180,11 +184,12 @@ void forward_kernel(const at::Tensor& zt, const int64_t* len, int64_t k, double 
       const int64_t b = r / L, i = r % L;
       if (i >= len[b]) continue;
       const T* s = st + r * kStats;
-      const T inv = inv_t / s[1];
+      const T inv = inv_t / s[2];
       const int64_t* ids = row_indices(idx, ranking, b, i, L, k);
       for (int64_t j = 0; j < k; ++j)
-        pr[r * k + j] =
-            ids[j] < 0 ? T(0) : std::exp(static_cast<T>(z[r * V + ids[j]]) * inv - s[0]);
+        pr[r * k + j] = ids[j] < 0 ? T(0)
+                                   : std::exp((static_cast<T>(z[r * V + ids[j]]) - s[0]) * inv -
+                                              s[1]);
     }
   });
 }
@@ -212,7 +217,7 @@ void backward_kernel(const at::Tensor& gt, const at::Tensor& zt, const int64_t* 
         continue;
       }
       const T* s = st + r * kStats;
-      const T lse = s[0], scale = s[1], mean = s[2], stdv = s[3], qz = s[4];
+      const T mx = s[0], log_sum = s[1], scale = s[2], mean = s[3], stdv = s[4], qz = s[5];
       const T inv = T(1) / (scale * t);
       const int64_t* ids = row_indices(idx, ranking, b, i, L, k);
       const T* g = G + r * k;
@@ -229,10 +234,15 @@ void backward_kernel(const at::Tensor& gt, const at::Tensor& zt, const int64_t* 
       for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
         const int64_t n = std::min(kChunk, V - c0);
         load_chunk(z + r * V + c0, n, buf);
+        if (std_coef != 0) {
 #pragma omp simd
-        for (int64_t v = 0; v < n; ++v)
-          buf[v] = -exp_simd(buf[v] * inv - lse) * dot * inv +
-                   std_coef * (buf[v] - mean);
+          for (int64_t v = 0; v < n; ++v)
+            buf[v] = -exp_simd((buf[v] - mx) * inv - log_sum) * dot * inv +
+                     std_coef * (buf[v] - mean);
+        } else {  // no std term: a -inf logit has gradient 0, not 0 * -inf
+#pragma omp simd
+          for (int64_t v = 0; v < n; ++v) buf[v] = -exp_simd((buf[v] - mx) * inv - log_sum) * dot * inv;
+        }
         for (int64_t j = 0; j < k; ++j)
           if (ids[j] >= c0 && ids[j] < c0 + n) buf[ids[j] - c0] += p[j] * g[j] * inv;
         for (int64_t v = 0; v < n; ++v) o[c0 + v] = static_cast<scalar_t>(buf[v]);

@@ -21,9 +21,11 @@ either way. The gradient flows to the logits through the softmax and the std sca
 the std is 0 its gradient is 0, as for ``torch.std``); indices carry none.
 
 The kernels never hold the [B, L, V] probabilities: a first pass per row keeps five row
-statistics (``log sum exp u``, ``s``, mean, std, :math:`E_q[z]`, in ``row_stats``), the
-ranking mass and the gather recompute ``q`` from them, and the backward writes the logits'
-gradient in one pass per row:
+statistics in ``row_stats`` [B, L, 6]: ``max z``, ``log_sum``, ``s``, mean, std and
+:math:`E_q[z]`, with :math:`q_v = \exp\big((z_v - \max z)/(sT) - \mathrm{log\_sum}\big)` (both
+terms of the exponent small, so ``q`` keeps its relative precision). The ranking mass and the
+gather recompute ``q`` from them, and the backward writes the logits' gradient in one pass per
+row:
 
 .. math::
 
@@ -41,7 +43,7 @@ import torch
 from mlot_kernels import _library  # noqa: F401  (registers torch.ops.mlot)
 from mlot_kernels.sinkhorn import _compute_dtype
 
-ROW_STATS = 5  # lse, scale, mean, std, E_q[z]
+ROW_STATS = 6  # max z, log_sum, scale s, mean, std, E_q[z]
 
 
 def _indices_shape(batch, length, k, ranking):

@@ -1,0 +1,204 @@
+r"""The MultiLevelOT distillation loss (Cui et al., AAAI 2025), ``paper`` and ``official`` presets.
+
+For each sequence ``b`` let ``t^k`` [n_T, k] and ``s^k`` [n_S, k] be the teacher's and the
+student's top-k probabilities at the logits that predict answer tokens, left-aligned
+(:func:`mlot_kernels.topk_probs`: softmax at ``temperature``, optional std scaling, columns
+ordered by ``ranking``), and ``n = min(n_T, n_S)``. Preset ``paper`` (the default):
+
+.. math::
+
+    \mathrm{HAD}_b = \frac1n \sum_{i<n} \sum_l |t^k_{il} - s^k_{il}|, \qquad
+    \mathrm{SL}_b = -\frac1n \sum_{i<n} \sum_l t^k_{il} \log s^k_{il}, \qquad
+    \mathrm{SD}_b = \langle P, C \rangle
+
+where SD is :func:`mlot_kernels.sinkhorn_loss` (L1 cost, ``epsilon``, ``n_iters``, unit
+marginals) between the top-k vectors taken again at ``sd_temperature`` over the valid rows. Each
+term is averaged over the batch and ``distill = alpha * (HAD + beta * SL + gamma * SD)``.
+
+Preset ``official`` is what the released code computes (``../shared/docs/method.md``): std
+scaling, ``batch`` ranking, the ``window`` answer rule with the student's EOS position dropped,
+``SL = -mean over all B*L rows of sum_l softmax(s^k)_l log_softmax(t^k)_l`` (``sl_form=
+"official"``; zero rows past a sequence's length included), ``SD_b`` over all L rows with the
+softmax at ``sd_temperature`` taken over the truncated vectors (``sd_softmax="truncated"``), 10
+iterations, ``SD = sum_b 0.001 SD_b``, and ``distill = 1.5 * (HAD + 0.1 SL + 0.1 SD)``.
+
+``loss = ce + distill`` with ``ce`` the student's cross-entropy on its labels
+(:func:`mlot_kernels.answers.causal_lm_cross_entropy`). Sequences without answer tokens add 0
+to every term (and ``n = 0`` gives ``HAD_b = SL_b = 0``); in ``SL_b``, ``log s`` is taken as
+``log max(s, tiny)`` (tiny: the smallest normal number of the dtype), so a student vocabulary
+smaller than ``k`` gives a large finite SL rather than infinity.
+"""
+
+import dataclasses
+
+import torch
+
+from mlot_kernels import reference
+from mlot_kernels.answers import (SPAN_RULES, answer_positions, answer_rows, causal_lm_cross_entropy,
+                                  check_pair, pad_rows)
+from mlot_kernels.sinkhorn import sinkhorn_loss
+from mlot_kernels.topk_probs import topk_probs
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Every constant of the method; the defaults are the ``paper`` preset."""
+
+    k: int = 50                      # columns kept per probability vector
+    temperature: float = 1.0         # token-level softmax temperature (tau)
+    std_scale: bool = False          # z <- z / (std(z) + 1e-4) per logit row first
+    ranking: str = "sequence"        # column order: 'token', 'sequence' or 'batch'
+    answer_span: str = "labels"      # answer rule: 'labels' or 'window' (mlot_kernels.answers)
+    skip_student_eos: bool = False   # drop the student's last answer position
+    had: bool = True                 # compute HAD
+    sl: bool = True                  # compute SL
+    sd: bool = True                  # compute SD
+    sl_form: str = "paper"           # 'paper': -sum t log s; 'official': softmax/log_softmax form
+    sd_softmax: str = "vocabulary"   # 'vocabulary': top-k of softmax(z / sd_temperature);
+    #                                  'truncated': softmax(t^k / sd_temperature) of the top-k
+    sd_temperature: float = 2.0
+    sd_padded_rows: bool = False     # SD over all L rows (zero rows past the lengths included)
+    epsilon: float = 0.1
+    n_iters: int = 20
+    unit_marginals: bool = True
+    detach_plan: bool = False
+    sd_scale: float = 1.0            # SD = sd_scale * reduce_b SD_b
+    sd_reduction: str = "mean"       # 'mean' or 'sum' over the batch
+    alpha: float = 0.15              # distill = alpha * (HAD + beta * SL + gamma * SD)
+    beta: float = 0.1
+    gamma: float = 0.1
+
+    def __post_init__(self):
+        choices = dict(ranking=("token", "sequence", "batch"), answer_span=SPAN_RULES,
+                       sl_form=("paper", "official"), sd_softmax=("vocabulary", "truncated"),
+                       sd_reduction=("mean", "sum"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"multi_level_ot_loss: {name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+
+
+PRESETS = {
+    "paper": Options(),
+    "official": Options(std_scale=True, ranking="batch", answer_span="window",
+                        skip_student_eos=True, sl_form="official", sd_softmax="truncated",
+                        sd_padded_rows=True, n_iters=10, sd_scale=0.001, sd_reduction="sum",
+                        alpha=1.5),
+}
+
+KERNELS = {  # the ops the loss runs on: the fused ones, or the plain PyTorch references
+    "fused": (topk_probs, sinkhorn_loss),
+    "reference": (reference.topk_probs, reference.sinkhorn_loss),
+}
+
+
+def resolve_options(preset="paper", **overrides):
+    """The preset's Options with the overrides applied; clear errors for unknown names."""
+    if preset not in PRESETS:
+        raise ValueError(f"multi_level_ot_loss: preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    names = {f.name for f in dataclasses.fields(Options)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"multi_level_ot_loss: unknown option(s) {unknown}; the options are "
+                        f"{sorted(names)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def answer_batch(student_logits, teacher_logits, student_labels, teacher_labels, answer_span,
+                 skip_student_eos):
+    """The answer rows of both models, zero-padded to one length L (the longest answer of
+    either), and their lengths: (student [B, L, V_S], teacher [B, L, V_T], n_S, n_T)."""
+    check_pair(student_logits, student_labels, "student_logits", "student_labels")
+    check_pair(teacher_logits, teacher_labels, "teacher_logits", "teacher_labels")
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"student and teacher batch sizes differ: student_logits "
+                         f"{tuple(student_logits.shape)}, teacher_logits {tuple(teacher_logits.shape)}")
+    s_pos, s_len = answer_positions(student_labels, answer_span, drop_last=skip_student_eos)
+    t_pos, t_len = answer_positions(teacher_labels, answer_span)
+    length = max(s_pos.shape[1], t_pos.shape[1])
+    student = pad_rows(answer_rows(student_logits, s_pos), length)
+    teacher = pad_rows(answer_rows(teacher_logits, t_pos), length)
+    return student, teacher, s_len, t_len
+
+
+def aligned_mean(values, n):
+    """[B]: mean over the first n_b rows of values [B, L] (0 where n_b = 0)."""
+    valid = torch.arange(values.shape[1], device=values.device)[None, :] < n[:, None]
+    return torch.where(valid, values, 0).sum(1) / n.clamp(min=1)
+
+
+def multi_level_ot_loss(student_logits, teacher_logits, student_labels, teacher_labels, *,
+                        preset="paper", kernels="fused", **overrides):
+    """The MultiLevelOT loss of a batch: a dict with ``loss`` (= ce + distill), ``ce``,
+    ``distill`` and the unweighted terms ``had``, ``sl``, ``sd`` that are switched on.
+
+    Args:
+        student_logits: [B, T_S, V_S]; teacher_logits: [B, T_T, V_T] (any vocabulary sizes).
+        student_labels: [B, T_S]; teacher_labels: [B, T_T] integer, -100 = ignored; the logit
+            at position i predicts the label at i + 1.
+        preset: 'paper' or 'official'.
+        kernels: 'fused' (torch.ops.mlot) or 'reference' (mlot_kernels.reference).
+        **overrides: any field of :class:`Options`.
+
+    The math is in this module's docstring.
+    """
+    opts = resolve_options(preset, **overrides)
+    if kernels not in KERNELS:
+        raise ValueError(f"multi_level_ot_loss: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
+    truncate, transport = KERNELS[kernels]
+    student, teacher, s_len, t_len = answer_batch(student_logits, teacher_logits, student_labels,
+                                                  teacher_labels, opts.answer_span,
+                                                  opts.skip_student_eos)
+    n = torch.minimum(s_len, t_len)
+
+    def top_k(rows, lengths, temperature):
+        return truncate(rows, lengths, opts.k, temperature, opts.std_scale, opts.ranking)[0]
+
+    s_k = top_k(student, s_len, opts.temperature)
+    t_k = top_k(teacher, t_len, opts.temperature)
+    out = dict(ce=causal_lm_cross_entropy(student_logits, student_labels))
+    distill = s_k.new_zeros(())
+    if opts.had:
+        out["had"] = aligned_mean((t_k - s_k).abs().sum(-1), n).mean()
+        distill = distill + out["had"]
+    if opts.sl:
+        if opts.sl_form == "paper":
+            log_s = s_k.clamp(min=torch.finfo(s_k.dtype).tiny).log()
+            out["sl"] = aligned_mean(-(t_k * log_s).sum(-1), n).mean()
+        else:
+            rows = (torch.softmax(s_k, -1) * torch.log_softmax(t_k, -1)).sum(-1)
+            out["sl"] = -rows.sum() / max(rows.numel(), 1)
+        distill = distill + opts.beta * out["sl"]
+    if opts.sd:
+        if opts.sd_softmax == "vocabulary":
+            x, y, sd_temperature = (top_k(teacher, t_len, opts.sd_temperature),
+                                    top_k(student, s_len, opts.sd_temperature), 0.0)
+        else:
+            x, y, sd_temperature = t_k, s_k, opts.sd_temperature
+        lengths = (None, None) if opts.sd_padded_rows else (t_len, s_len)
+        per_sequence = transport(x, y, *lengths, opts.epsilon, opts.n_iters, sd_temperature, 1,
+                                 opts.unit_marginals, opts.detach_plan)
+        reduced = per_sequence.mean() if opts.sd_reduction == "mean" else per_sequence.sum()
+        out["sd"] = opts.sd_scale * reduced
+        distill = distill + opts.gamma * out["sd"]
+    out["distill"] = opts.alpha * distill
+    out["loss"] = out["ce"] + out["distill"]
+    return out
+
+
+class MultiLevelOTLoss(torch.nn.Module):
+    """Module form of :func:`multi_level_ot_loss`; the options are resolved (and checked) here."""
+
+    def __init__(self, preset="paper", kernels="fused", **overrides):
+        super().__init__()
+        self.options = resolve_options(preset, **overrides)
+        if kernels not in KERNELS:
+            raise ValueError(f"MultiLevelOTLoss: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
+        self.kernels = kernels
+
+    def forward(self, student_logits, teacher_logits, student_labels, teacher_labels):
+        return multi_level_ot_loss(student_logits, teacher_logits, student_labels, teacher_labels,
+                                   kernels=self.kernels, **dataclasses.asdict(self.options))
+
+    def extra_repr(self) -> str:
+        return f"{self.options}, kernels={self.kernels!r}"

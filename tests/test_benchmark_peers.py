@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mlot_kernels
-from benchmarks.peers import batched_log_domain, released_loop
+from benchmarks.peers import batched_log_domain, eager_topk_probs, released_loop
 from tests.conftest import value_and_grads
 
 EPSILON = 0.1
@@ -49,3 +49,23 @@ def test_batched_log_domain_matches_op(n_iters, unit_marginals):
                                                 unit_marginals=unit_marginals),
         seed=100 + n_iters + 10 * unit_marginals,
     )
+
+
+@pytest.mark.parametrize("std_scale", [False, True])
+@pytest.mark.parametrize("ranking", ["sequence", "token", "batch"])
+def test_eager_topk_probs_matches_op(gen, ranking, std_scale):
+    """eager_topk_probs' probabilities, indices and logits' gradient equal the op's (no lengths,
+    V > k, float64 logits without ties)."""
+    k, temperature = 50, 0.7
+    logits = 3 * torch.randn(3, 7, 300, generator=gen, dtype=torch.float64)
+    weights = torch.rand(3, 7, k, generator=gen, dtype=torch.float64) + 0.5
+    results = []
+    for fn in (eager_topk_probs, mlot_kernels.topk_probs):
+        z = logits.clone().requires_grad_()
+        probs, indices = fn(z, k=k, temperature=temperature, std_scale=std_scale, ranking=ranking)
+        (grad,) = torch.autograd.grad((probs * weights).sum(), z)
+        results.append((probs.detach(), indices, grad))
+    (probs, indices, grad), (e_probs, e_indices, e_grad) = results
+    assert torch.equal(indices, e_indices)
+    torch.testing.assert_close(probs, e_probs, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, e_grad, rtol=1e-9, atol=1e-12)

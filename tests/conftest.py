@@ -71,3 +71,45 @@ def assert_close_rel(actual, expected, rtol):
     scale = expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol,
                                atol=rtol * max(scale, 1e-30))
+
+
+def make_logits(gen, shape, dtype=torch.float64):
+    """Logits with a realistic spread and no ties (with probability 1)."""
+    return (3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+def probs_indices_grad(fn, logits, weights, *args, **kwargs):
+    """fn's (probs, indices) and the gradient of sum(weights * probs) with respect to the logits."""
+    logits = logits.detach().requires_grad_()
+    probs, indices = fn(logits, *args, **kwargs)
+    (grad,) = torch.autograd.grad((probs * weights.to(probs.dtype)).sum(), logits)
+    return probs.detach(), indices, grad
+
+
+def defined_indices(indices, lengths, ranking):
+    """The entries of topk_probs' `indices` that the ranking defines: a sequence (or a batch)
+    with no valid row has no mass to order by."""
+    if lengths is None or ranking == "token":
+        return indices
+    if ranking == "sequence":
+        return indices[lengths > 0]
+    return indices if (lengths > 0).any() else indices[:0]
+
+
+def check_topk_probs(gen, fn, logits, lengths, ranking, rtol, **opts):
+    """fn's probs, indices and logits' gradient equal those of the float64 reference of
+    topk_probs (indices where the ranking defines them); returns them."""
+    from mlot_kernels import reference
+
+    weights = torch.rand(*logits.shape[:2], opts["k"], generator=gen, dtype=torch.float64) + 0.5
+    probs, indices, grad = probs_indices_grad(fn, logits, weights, lengths, ranking=ranking, **opts)
+    e_probs, e_indices, e_grad = probs_indices_grad(reference.topk_probs, logits.double(), weights,
+                                                    lengths, ranking=ranking, **opts)
+    assert probs.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    assert grad.dtype == logits.dtype
+    assert indices.dtype == torch.int64 and indices.shape == e_indices.shape
+    assert torch.equal(defined_indices(indices, lengths, ranking),
+                       defined_indices(e_indices, lengths, ranking))
+    assert_close_rel(probs, e_probs, rtol)
+    assert_close_rel(grad, e_grad, rtol)
+    return probs, indices, grad

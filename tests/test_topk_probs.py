@@ -6,7 +6,8 @@ import torch
 
 import mlot_kernels
 from mlot_kernels import reference
-from tests.conftest import assert_close_rel, make_lengths
+from tests.conftest import (assert_close_rel, check_topk_probs, make_lengths, make_logits,
+                            probs_indices_grad)
 
 OPS = torch.ops.mlot
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
@@ -24,46 +25,6 @@ CASES = [
 CASE_IDS = ["B{}-L{}-V{}-k{}-T{}-std{}-{}".format(*c) for c in CASES]
 
 
-def make_logits(gen, shape, dtype=torch.float64):
-    """Logits with a realistic spread and no ties (with probability 1)."""
-    return (3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-
-
-def probs_indices_grad(fn, logits, weights, *args, **kwargs):
-    """fn's (probs, indices) and the gradient of sum(weights * probs) with respect to the logits."""
-    logits = logits.detach().requires_grad_()
-    probs, indices = fn(logits, *args, **kwargs)
-    (grad,) = torch.autograd.grad((probs * weights.to(probs.dtype)).sum(), logits)
-    return probs.detach(), indices, grad
-
-
-def defined_indices(indices, lengths, batch, ranking):
-    """The entries of `indices` that the ranking defines: a sequence with no valid row has no
-    mass to order by (nor has a batch without one)."""
-    if lengths is None or ranking == "token":
-        return indices
-    if ranking == "sequence":
-        return indices[lengths > 0]
-    return indices if (lengths > 0).any() else indices[:0]
-
-
-def check_against_reference(gen, logits, lengths, ranking, rtol, **opts):
-    weights = torch.rand(*logits.shape[:2], opts["k"], generator=gen, dtype=torch.float64) + 0.5
-    probs, indices, grad = probs_indices_grad(mlot_kernels.topk_probs, logits, weights, lengths,
-                                              ranking=ranking, **opts)
-    e_probs, e_indices, e_grad = probs_indices_grad(reference.topk_probs, logits.double(), weights,
-                                                    lengths, ranking=ranking, **opts)
-    assert probs.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    assert grad.dtype == logits.dtype
-    assert indices.dtype == torch.int64 and indices.shape == e_indices.shape
-    batch = logits.shape[0]
-    assert torch.equal(defined_indices(indices, lengths, batch, ranking),
-                       defined_indices(e_indices, lengths, batch, ranking))
-    assert_close_rel(probs, e_probs, rtol)
-    assert_close_rel(grad, e_grad, rtol)
-    return probs, indices, grad
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("ranking", RANKINGS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -71,8 +32,8 @@ def test_matches_float64_reference(gen, case, ranking, dtype):
     """probs, indices and the logits' gradient equal a float64 evaluation of the contract."""
     B, L, V, k, temperature, std_scale, lengths = case
     logits = make_logits(gen, (B, L, V), dtype)
-    check_against_reference(gen, logits, make_lengths(gen, B, L, lengths), ranking, TOL[dtype],
-                            k=k, temperature=temperature, std_scale=std_scale)
+    check_topk_probs(gen, mlot_kernels.topk_probs, logits, make_lengths(gen, B, L, lengths),
+                     ranking, TOL[dtype], k=k, temperature=temperature, std_scale=std_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
@@ -180,9 +141,9 @@ def test_one_hot_like_rows(gen, std_scale):
     logits[0, 0] = logits[0, 0] / 30 - 30.0
     logits[0, 0, 7] = 60.0
     for ranking in RANKINGS:
-        probs, _, grad = check_against_reference(gen, logits.float(), None, ranking,
-                                                 TOL[torch.float32], k=10, temperature=1.0,
-                                                 std_scale=std_scale)
+        probs, _, grad = check_topk_probs(gen, mlot_kernels.topk_probs, logits.float(), None,
+                                          ranking, TOL[torch.float32], k=10, temperature=1.0,
+                                          std_scale=std_scale)
         assert torch.isfinite(probs).all() and torch.isfinite(grad).all()
 
 

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from mlot_kernels import reference, triton_topk
-from tests.conftest import assert_close_rel, make_lengths
+from mlot_kernels import triton_topk
+from tests.conftest import check_topk_probs, make_lengths, make_logits, probs_indices_grad
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
@@ -29,45 +29,9 @@ CASES = [
 CASE_IDS = ["B{}-L{}-V{}-k{}-T{}-std{}-{}-block{}".format(*c) for c in CASES]
 
 
-def make_logits(gen, shape, dtype=torch.float64):
-    """Logits with a realistic spread and no ties (with probability 1)."""
-    return (3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-
-
-def probs_indices_grad(fn, logits, weights, *args, **kwargs):
-    """fn's (probs, indices) and the gradient of sum(weights * probs) with respect to the logits."""
-    logits = logits.detach().requires_grad_()
-    probs, indices = fn(logits, *args, **kwargs)
-    (grad,) = torch.autograd.grad((probs * weights.to(probs.dtype)).sum(), logits)
-    return probs.detach(), indices, grad
-
-
-def defined_indices(indices, lengths, ranking):
-    """The entries of `indices` that the ranking defines: a sequence (or batch) with no valid
-    row has no mass to order by."""
-    if lengths is None or ranking == "token":
-        return indices
-    if ranking == "sequence":
-        return indices[lengths > 0]
-    return indices if (lengths > 0).any() else indices[:0]
-
-
-def check_against_reference(gen, logits, lengths, ranking, rtol, **opts):
-    """The kernels' probs, indices and gradient equal the float64 reference's; returns them."""
-    weights = torch.rand(*logits.shape[:2], opts["k"], generator=gen, dtype=torch.float64) + 0.5
-    probs, indices, grad = probs_indices_grad(triton_topk.topk_probs, logits, weights, lengths,
-                                              ranking=ranking, **opts)
-    opts.pop("block_v", None)
-    e_probs, e_indices, e_grad = probs_indices_grad(reference.topk_probs, logits.double(), weights,
-                                                    lengths, ranking=ranking, **opts)
-    assert probs.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    assert grad.dtype == logits.dtype
-    assert indices.dtype == torch.int64 and indices.shape == e_indices.shape
-    assert torch.equal(defined_indices(indices, lengths, ranking),
-                       defined_indices(e_indices, lengths, ranking))
-    assert_close_rel(probs, e_probs, rtol)
-    assert_close_rel(grad, e_grad, rtol)
-    return probs, indices, grad
+def kernels(block_v):
+    """topk_probs through the Triton kernels with column chunks of block_v."""
+    return functools.partial(triton_topk.topk_probs, block_v=block_v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -77,8 +41,9 @@ def test_matches_float64_reference(gen, case, ranking, dtype):
     """probs, indices and the logits' gradient equal a float64 evaluation of the contract."""
     B, L, V, k, temperature, std_scale, lengths, block_v = case
     logits = make_logits(gen, (B, L, V), dtype)
-    check_against_reference(gen, logits, make_lengths(gen, B, L, lengths), ranking, TOL[dtype], k=k,
-                            temperature=temperature, std_scale=std_scale, block_v=block_v)
+    check_topk_probs(gen, kernels(block_v), logits,
+                     make_lengths(gen, B, L, lengths), ranking, TOL[dtype], k=k,
+                     temperature=temperature, std_scale=std_scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
@@ -151,8 +116,8 @@ def test_constant_row_with_std_scale(gen):
     logits = make_logits(gen, (2, 2, 30), torch.float32)
     logits[1, 0] = 1.25
     for ranking in ("sequence", "batch"):
-        probs, _, grad = check_against_reference(gen, logits, None, ranking, TOL[torch.float32],
-                                                 k=6, temperature=1.0, std_scale=True, block_v=16)
+        probs, _, grad = check_topk_probs(gen, kernels(16), logits, None, ranking,
+                                          TOL[torch.float32], k=6, temperature=1.0, std_scale=True)
         assert torch.isfinite(probs).all() and torch.isfinite(grad).all()
     weights = torch.rand(2, 2, 6, generator=gen)
     probs, _, grad = probs_indices_grad(triton_topk.topk_probs, logits, weights, None, 6,
@@ -166,8 +131,8 @@ def test_minus_inf_logits_are_probability_zero(gen):
     logits = make_logits(gen, (2, 3, 40), torch.float32)
     logits[:, :, 25:] = float("-inf")
     for ranking in RANKINGS:
-        probs, indices, grad = check_against_reference(gen, logits, None, ranking,
-                                                       TOL[torch.float32], k=8, block_v=16)
+        probs, indices, grad = check_topk_probs(gen, kernels(16), logits, None, ranking,
+                                                TOL[torch.float32], k=8)
         assert torch.isfinite(probs).all() and torch.isfinite(grad).all()
         assert (indices < 25).all() and (grad[:, :, 25:] == 0).all()
 

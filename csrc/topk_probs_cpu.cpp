@@ -108,12 +108,15 @@ void row_stats(const scalar_t* z, int64_t V, T inv_t, bool std_scale, T* out) {
   out[5] = std_scale ? zsum / sum : T(0);
 }
 
-// The chosen column indices of row (b, i): k entries, -1 past V.
-const int64_t* row_indices(const int64_t* idx, c10::string_view ranking, int64_t b, int64_t i,
-                           int64_t L, int64_t k) {
-  if (ranking == "token") return idx + (b * L + i) * k;
-  if (ranking == "sequence") return idx + b * k;
-  return idx;
+// Where row (b, i)'s k chosen column indices start: idx + b * per_sequence + i * per_row.
+struct IndexStrides {
+  int64_t per_sequence, per_row;
+};
+
+IndexStrides index_strides(c10::string_view ranking, int64_t L, int64_t k) {
+  if (ranking == "token") return {L * k, k};  // indices [B, L, k]
+  if (ranking == "sequence") return {k, 0};   // [B, k]
+  return {0, 0};                              // [k]
 }
 
 // The top-k column order of each row ('token', of the logits), of each sequence's
@@ -136,10 +139,11 @@ at::Tensor column_order(const at::Tensor& logits, const at::Tensor& mass, const 
 }
 
 template <typename scalar_t, typename T>
-void forward_kernel(const at::Tensor& zt, const int64_t* len, int64_t k, double temperature,
-                    bool std_scale, c10::string_view ranking, const at::Tensor& len_t,
-                    at::Tensor& probs, at::Tensor& indices, at::Tensor& stats) {
+void forward_kernel(const at::Tensor& zt, const at::Tensor& len_t, int64_t k, double temperature,
+                    bool std_scale, c10::string_view ranking, at::Tensor& probs,
+                    at::Tensor& indices, at::Tensor& stats) {
   const int64_t B = zt.size(0), L = zt.size(1), V = zt.size(2);
+  const int64_t* len = len_t.data_ptr<int64_t>();
   const scalar_t* z = zt.data_ptr<scalar_t>();
   T* st = stats.data_ptr<T>();
   const T inv_t = T(1) / T(temperature);
@@ -178,6 +182,7 @@ void forward_kernel(const at::Tensor& zt, const int64_t* len, int64_t k, double 
 
   // 4. Gather the chosen probabilities.
   const int64_t* idx = indices.data_ptr<int64_t>();
+  const IndexStrides is = index_strides(ranking, L, k);
   T* pr = probs.data_ptr<T>();
   at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -185,7 +190,7 @@ void forward_kernel(const at::Tensor& zt, const int64_t* len, int64_t k, double 
       if (i >= len[b]) continue;
       const T* s = st + r * kStats;
       const T inv = inv_t / s[2];
-      const int64_t* ids = row_indices(idx, ranking, b, i, L, k);
+      const int64_t* ids = idx + b * is.per_sequence + i * is.per_row;
       for (int64_t j = 0; j < k; ++j)
         pr[r * k + j] = ids[j] < 0 ? T(0)
                                    : std::exp((static_cast<T>(z[r * V + ids[j]]) - s[0]) * inv -
@@ -207,6 +212,7 @@ void backward_kernel(const at::Tensor& gt, const at::Tensor& zt, const int64_t* 
   const T* st = stt.data_ptr<T>();
   scalar_t* out = grad.data_ptr<scalar_t>();
   const T t = T(temperature);
+  const IndexStrides is = index_strides(ranking, L, k);
   at::parallel_for(0, B * L, 1, [&](int64_t begin, int64_t end) {
     T buf[kChunk];
     for (int64_t r = begin; r < end; ++r) {
@@ -219,7 +225,7 @@ void backward_kernel(const at::Tensor& gt, const at::Tensor& zt, const int64_t* 
       const T* s = st + r * kStats;
       const T mx = s[0], log_sum = s[1], scale = s[2], mean = s[3], stdv = s[4], qz = s[5];
       const T inv = T(1) / (scale * t);
-      const int64_t* ids = row_indices(idx, ranking, b, i, L, k);
+      const int64_t* ids = idx + b * is.per_sequence + i * is.per_row;
       const T* g = G + r * k;
       const T* p = P + r * k;
       T dot = 0, zdot = 0;
@@ -272,8 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_probs_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(),
                                   "topk_probs_forward_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_kernel<scalar_t, T>(z, len.data_ptr<int64_t>(), k, temperature, std_scale, ranking,
-                                len, probs, indices, stats);
+    forward_kernel<scalar_t, T>(z, len, k, temperature, std_scale, ranking, probs, indices, stats);
   });
   return {probs, indices, stats};
 }

@@ -92,6 +92,13 @@ KERNELS = {  # the ops the loss runs on: the fused ones, or the plain PyTorch re
 }
 
 
+def kernel_ops(kernels, caller):
+    """(topk_probs, sinkhorn_loss) of ``kernels``, or a ValueError naming ``caller``."""
+    if kernels not in KERNELS:
+        raise ValueError(f"{caller}: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
+    return KERNELS[kernels]
+
+
 def resolve_options(preset="paper", **overrides):
     """The preset's Options with the overrides applied; clear errors for unknown names."""
     if preset not in PRESETS:
@@ -143,9 +150,7 @@ def multi_level_ot_loss(student_logits, teacher_logits, student_labels, teacher_
     The math is in this module's docstring.
     """
     opts = resolve_options(preset, **overrides)
-    if kernels not in KERNELS:
-        raise ValueError(f"multi_level_ot_loss: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
-    truncate, transport = KERNELS[kernels]
+    truncate, transport = kernel_ops(kernels, "multi_level_ot_loss")
     student, teacher, s_len, t_len = answer_batch(student_logits, teacher_logits, student_labels,
                                                   teacher_labels, opts.answer_span,
                                                   opts.skip_student_eos)
@@ -192,8 +197,7 @@ class MultiLevelOTLoss(torch.nn.Module):
     def __init__(self, preset="paper", kernels="fused", **overrides):
         super().__init__()
         self.options = resolve_options(preset, **overrides)
-        if kernels not in KERNELS:
-            raise ValueError(f"MultiLevelOTLoss: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
+        kernel_ops(kernels, "MultiLevelOTLoss")
         self.kernels = kernels
 
     def forward(self, student_logits, teacher_logits, student_labels, teacher_labels):

@@ -14,16 +14,14 @@ averaged over the batch; ``distill = weight * ULD`` and ``loss = ce + distill``.
 import torch
 
 from mlot_kernels.answers import causal_lm_cross_entropy
-from mlot_kernels.multi_level_ot import KERNELS, aligned_mean, answer_batch
+from mlot_kernels.multi_level_ot import aligned_mean, answer_batch, kernel_ops
 
 
 def uld_loss(student_logits, teacher_logits, student_labels, teacher_labels, *, weight=1.5,
              temperature=1.0, answer_span="labels", skip_student_eos=False, kernels="fused"):
     """The ULD loss of a batch: a dict with ``loss`` (= ce + distill), ``ce``, ``distill`` and
     the unweighted ``uld``; arguments as for :func:`mlot_kernels.multi_level_ot_loss`."""
-    if kernels not in KERNELS:
-        raise ValueError(f"uld_loss: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
-    truncate = KERNELS[kernels][0]
+    truncate = kernel_ops(kernels, "uld_loss")[0]
     student, teacher, s_len, t_len = answer_batch(student_logits, teacher_logits, student_labels,
                                                   teacher_labels, answer_span, skip_student_eos)
     width = max(student.shape[-1], teacher.shape[-1])  # the whole sorted vocabulary

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from mlot_kernels import _library  # noqa: F401  (registers torch.ops.mlot)
+from mlot_kernels.sinkhorn import _compute_dtype
 
 # On-chip regime up to this many (padded) cost entries: 256 x 256.
 ONCHIP_MAX_ENTRIES = 256 * 256
@@ -585,10 +586,6 @@ def _split(value: float):
     """value as float32 hi + lo, so that kernels rebuild it to ~1e-14 in float64."""
     hi = float(torch.tensor(value, dtype=torch.float32))
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _common(K, compute, epsilon, temperature, p, unit_marginals):

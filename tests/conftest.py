@@ -113,3 +113,14 @@ def check_topk_probs(gen, fn, logits, lengths, ranking, rtol, **opts):
     assert_close_rel(probs, e_probs, rtol)
     assert_close_rel(grad, e_grad, rtol)
     return probs, indices, grad
+
+
+def check_half_logits(fn, logits, weights, lengths, **opts):
+    """fn on float16/bfloat16 logits gives its float32 result on the same values: probs in
+    float32, the same indices, the gradient in the logits' dtype."""
+    probs, indices, grad = probs_indices_grad(fn, logits, weights, lengths, **opts)
+    p32, i32, g32 = probs_indices_grad(fn, logits.float(), weights, lengths, **opts)
+    assert probs.dtype == torch.float32 and grad.dtype == logits.dtype
+    assert torch.equal(indices, i32)
+    torch.testing.assert_close(probs, p32, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, g32.to(logits.dtype))

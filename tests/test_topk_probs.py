@@ -6,8 +6,8 @@ import torch
 
 import mlot_kernels
 from mlot_kernels import reference
-from tests.conftest import (assert_close_rel, check_topk_probs, make_lengths, make_logits,
-                            probs_indices_grad)
+from tests.conftest import (assert_close_rel, check_half_logits, check_topk_probs, make_lengths,
+                            make_logits, probs_indices_grad)
 
 OPS = torch.ops.mlot
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
@@ -43,13 +43,8 @@ def test_half_logits_compute_in_float32(gen, ranking, dtype):
     logits = make_logits(gen, (3, 6, 700), dtype)
     lengths = torch.tensor([6, 2, 4])
     weights = torch.rand(3, 6, 20, generator=gen) + 0.5
-    opts = dict(k=20, temperature=1.0, std_scale=True, ranking=ranking)
-    probs, indices, grad = probs_indices_grad(mlot_kernels.topk_probs, logits, weights, lengths, **opts)
-    p32, i32, g32 = probs_indices_grad(mlot_kernels.topk_probs, logits.float(), weights, lengths, **opts)
-    assert probs.dtype == torch.float32 and grad.dtype == dtype
-    assert torch.equal(indices, i32)
-    torch.testing.assert_close(probs, p32, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad, g32.to(dtype))
+    check_half_logits(mlot_kernels.topk_probs, logits, weights, lengths, k=20, temperature=1.0,
+                      std_scale=True, ranking=ranking)
 
 
 @pytest.mark.parametrize("std_scale", [False, True], ids=["plain", "std"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mlot_kernels import triton_topk
-from tests.conftest import check_topk_probs, make_lengths, make_logits, probs_indices_grad
+from tests.conftest import (check_half_logits, check_topk_probs, make_lengths, make_logits,
+                            probs_indices_grad)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
@@ -55,15 +56,8 @@ def test_half_logits_compute_in_float32(gen, dtype):
     lengths = torch.tensor([4, 2])
     weights = torch.rand(2, 4, 9, generator=gen) + 0.5
     for ranking in RANKINGS:
-        opts = dict(k=9, temperature=1.0, std_scale=True, ranking=ranking, block_v=16)
-        probs, indices, grad = probs_indices_grad(triton_topk.topk_probs, logits, weights, lengths,
-                                                  **opts)
-        p32, i32, g32 = probs_indices_grad(triton_topk.topk_probs, logits.float(), weights,
-                                           lengths, **opts)
-        assert probs.dtype == torch.float32 and grad.dtype == dtype
-        assert torch.equal(indices, i32)
-        torch.testing.assert_close(probs, p32, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(grad, g32.to(dtype))
+        check_half_logits(kernels(16), logits, weights, lengths, k=9, temperature=1.0,
+                          std_scale=True, ranking=ranking)
 
 
 @pytest.mark.parametrize("std_scale", [False, True], ids=["plain", "std"])

@@ -1,31 +1,82 @@
-"""What users would otherwise run for the ops, in eager PyTorch.
+r"""What users would otherwise run for the ops: eager PyTorch, torch.compile, POT and GeomLoss.
 
-Sinkhorn loss, as method.md describes it: ``released_loop`` and ``batched_log_domain`` take
-full-length batches ``x`` [B, M, K] and ``y`` [B, N, K] and compute what
-``torch.ops.mlot.sinkhorn_loss`` computes with ``p=1`` and the given options.
+**Sinkhorn loss at equal iteration counts.** ``released_loop``, ``batched_log_domain``,
+``compiled_log_domain``, ``pot_batch`` and ``pot_sinkhorn_log`` share one signature::
 
-Vocabulary truncation: ``eager_topk_probs`` takes full-length logits [B, L, V] and computes what
-``torch.ops.mlot.topk_probs`` computes without lengths.
+    fn(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_iters=20, temperature=2.0,
+       unit_marginals=True) -> Tensor [B]
 
-tests/test_benchmark_peers.py checks both, so the benchmarks compare equal work.
+with x [B, M, K] (teacher side), y [B, N, K], and lengths [B] integer tensors of valid prefix
+lengths (None: all positions valid; the peers assume every length is >= 1). Each computes, with
+autograd through every step, what ``mlot_kernels.sinkhorn_loss(x, y, x_lengths, y_lengths,
+epsilon=epsilon, n_iters=n_iters, temperature=temperature, p=1, unit_marginals=unit_marginals)``
+computes, up to rounding: for each problem b, on its valid rows ``i < m_b`` and ``j < n_b``,
+
+- ``a_i = softmax(x[b, i] / T)``, ``c_j = softmax(y[b, j] / T)``, ``C_ij = |a_i - c_j|_1``;
+- log-marginals ``la_i = lb_j = 0`` (unit marginals) or ``la_i = -log m_b``, ``lb_j = -log n_b``;
+- ``f = g = 0``, then ``n_iters`` times ``f_i = eps la_i - eps LSE_j((g_j - C_ij)/eps)`` and
+  ``g_j = eps lb_j - eps LSE_i((f_i - C_ij)/eps)`` (rows first, then columns);
+- ``P_ij = exp((f_i + g_j - C_ij)/eps)`` and ``loss_b = <P, C> = sum_ij P_ij C_ij``.
+
+**GeomLoss** (``geomloss_sinkhorn``) cannot be run for a fixed number of iterations (it anneals
+epsilon), nor with the L1 cost; benchmarks/tolerance.py compares it at equal accuracy instead.
+
+**The released code's whole loss** (``released_loss``): method.md's preset ``official``,
+written as the released code computes it.
+
+**Vocabulary truncation:** ``eager_topk_probs`` takes full-length logits [B, L, V] and computes
+what ``torch.ops.mlot.topk_probs`` computes without lengths.
+
+tests/test_benchmark_peers.py checks all of them, so the benchmarks compare equal work. POT and
+GeomLoss are optional benchmark dependencies, imported by the functions that use them.
 """
 
+import functools
 import math
 
 import torch
+import torch.fx.experimental._config as fx_config
+
+IGNORE_INDEX = -100
 
 
-def released_loop(x, y, epsilon=0.1, n_iters=20, temperature=2.0):
-    """The released MultiLevelOT code's Sinkhorn, unit marginals, probability domain.
+def _valid(lengths, batch, size, device):
+    """[B, size] bool: ``i < lengths[b]`` (every position when lengths is None)."""
+    if lengths is None:
+        return torch.ones(batch, size, dtype=torch.bool, device=device)
+    return torch.arange(size, device=device)[None, :] < lengths.to(device)[:, None]
 
-    One sequence at a time: ``A = softmax(x[b]/T)``, ``W = cdist(A, Bm, p=1)``,
-    ``K = exp(-W/eps)``, then ``n_iters`` times row then column normalisation, and
-    ``sum(K * W)``; autograd through every step. Returns [B].
+
+def _weights(lengths, batch, size, unit_marginals, like):
+    """[B, size] marginal weights of ``like``'s dtype and device: 1 (unit) or 1/m_b
+    (probability) on the valid positions, 0 on padding."""
+    valid = _valid(lengths, batch, size, like.device).to(like.dtype)
+    return valid if unit_marginals else valid / valid.sum(1, keepdim=True)
+
+
+def _rows(x, y, temperature):
+    """The softmax rows ``a = softmax(x / T)``, ``c = softmax(y / T)``."""
+    return torch.softmax(x / temperature, dim=-1), torch.softmax(y / temperature, dim=-1)
+
+
+def released_loop(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_iters=20,
+                  temperature=2.0, unit_marginals=True):
+    """The released MultiLevelOT code's Sinkhorn: probability domain, one sequence at a time.
+
+    For each b, on the valid rows: ``A = softmax(x[b, :m_b]/T)``, ``Bm = softmax(y[b, :n_b]/T)``,
+    ``W = cdist(A, Bm, p=1)``, ``K = exp(-W/eps)``, then ``n_iters`` times row then column
+    normalisation ``K = K / K.sum(1)``, ``K = K / K.sum(0)``, and ``sum(K * W)``; autograd
+    through every step. That is the unit-marginal log-domain iteration exponentiated
+    (``K = P``), so only ``unit_marginals=True`` exists: False raises a ValueError. Returns [B].
     """
+    if not unit_marginals:
+        raise ValueError("released_loop: unit_marginals must be True (the released code has "
+                         "unit marginals only), got False")
     losses = []
     for b in range(x.shape[0]):
-        a = torch.softmax(x[b] / temperature, dim=-1)
-        c = torch.softmax(y[b] / temperature, dim=-1)
+        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
+        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
+        a, c = _rows(x[b, :m], y[b, :n], temperature)
         w = torch.cdist(a, c, p=1)
         k = torch.exp(-w / epsilon)
         for _ in range(n_iters):
@@ -35,21 +86,212 @@ def released_loop(x, y, epsilon=0.1, n_iters=20, temperature=2.0):
     return torch.stack(losses)
 
 
-def batched_log_domain(x, y, epsilon=0.1, n_iters=20, temperature=2.0, unit_marginals=True):
-    """Batched log-domain Sinkhorn in eager PyTorch (L1 cost), autograd through every step."""
-    a = torch.softmax(x / temperature, dim=-1)
-    c = torch.softmax(y / temperature, dim=-1)
+def batched_log_domain(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_iters=20,
+                       temperature=2.0, unit_marginals=True):
+    """Batched log-domain Sinkhorn in eager PyTorch, autograd through every step. Returns [B].
+
+    The whole batch at once: ``C`` [B, M, N] = ``|a_i - c_j|_1`` over all positions, padded
+    ones included; padding takes no part through the log-weights, -inf on padded positions:
+    ``f`` and ``g`` start at 0 on valid positions and -inf on padded ones, and each update
+    adds ``eps la_i`` (or ``eps lb_j``), so a padded potential stays -inf, its terms in every
+    LSE are exp(-inf) = 0 and its plan entries are 0 (no NaN, in values or gradients, while
+    every length is >= 1).
+    """
+    a, c = _rows(x, y, temperature)
     cost = (a[:, :, None, :] - c[:, None, :, :]).abs().sum(-1)  # [B, M, N]
-    m, n = cost.shape[1], cost.shape[2]
-    log_a = 0.0 if unit_marginals else -math.log(m)  # a Python float: exact in float64 too
-    log_b = 0.0 if unit_marginals else -math.log(n)
-    f = cost.new_zeros(cost.shape[0], m)
-    g = cost.new_zeros(cost.shape[0], n)
+    batch, m, n = cost.shape
+    log_a = _weights(x_lengths, batch, m, unit_marginals, cost).log()  # 0 or -log m_b; -inf
+    log_b = _weights(y_lengths, batch, n, unit_marginals, cost).log()
+    f = torch.where(log_a > -math.inf, 0.0, log_a)
+    g = torch.where(log_b > -math.inf, 0.0, log_b)
     for _ in range(n_iters):
         f = epsilon * log_a - epsilon * torch.logsumexp((g[:, None, :] - cost) / epsilon, dim=2)
         g = epsilon * log_b - epsilon * torch.logsumexp((f[:, :, None] - cost) / epsilon, dim=1)
     plan = torch.exp((f[:, :, None] + g[:, None, :] - cost) / epsilon)
     return (plan * cost).sum((1, 2))
+
+
+@functools.cache
+def _compiled_log_domain():
+    return torch.compile(batched_log_domain, dynamic=True)
+
+
+def compiled_log_domain(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_iters=20,
+                        temperature=2.0, unit_marginals=True):
+    """``torch.compile(batched_log_domain, dynamic=True)``, created on the first call, and always
+    called with lengths (full ones when none are given, which computes the same) and traced
+    without duck sizing (equal sizes M = N get no shared symbol), so that one compiled graph
+    serves every case (B, M, N and K are dynamic). A cold compile of the forward and backward of 20
+    iterations takes about 2.5 minutes on 2 CPU cores; another n_iters or marginal mode compiles
+    again (epsilon and temperature do not)."""
+    if x_lengths is None:
+        x_lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+    if y_lengths is None:
+        y_lengths = torch.full((y.shape[0],), y.shape[1], device=y.device)
+    with fx_config.patch(use_duck_shape=False):
+        return _compiled_log_domain()(x, y, x_lengths, y_lengths, epsilon=epsilon,
+                                      n_iters=n_iters, temperature=temperature,
+                                      unit_marginals=unit_marginals)
+
+
+def pot_batch(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_iters=20,
+              temperature=2.0, unit_marginals=True):
+    """POT's batched solver (``ot.batch``, torch backend), autograd through every step.
+
+    ``M = ot.batch.dist_batch(a, c, metric="minkowski", p=1)``, which is ``sum_l |a_il - c_jl|``
+    (POT's Lp cost to the power q = p = 1: the L1 cost), then ``ot.batch.solve_batch(M,
+    reg=epsilon, a=wa, b=wb, max_iter=n_iters, tol=0, method="log_sinkhorn",
+    grad="autodiff").value_linear`` = ``sum_ij T_ij M_ij``. Its iteration is the op's, rows
+    first: ``u = log wa - LSE_j(-M/eps + v)``, ``v = log wb - LSE_i(-M/eps + u)`` with
+    ``u = f/eps``, ``v = g/eps``. The weights are the validity masks (unit marginals) or
+    mask / length (probability marginals), so padded potentials are -inf after their first
+    update. The solver has no lengths and starts from v = 0 on every column, padded ones
+    included, so padded columns get the cost ``2 + 1000 eps`` (L1 costs between probability
+    vectors are at most 2): their kernel entries are e^-1000 times any valid one, 0 in floating
+    point, and the first row update is the op's. Every 10 iterations POT also computes the plan
+    and its marginal error to test convergence (extra work, and a host sync on GPU), left as is
+    since that is what users run. POT fails with max_iter = 0, so ``n_iters`` must be >= 1 (a
+    ValueError otherwise). Returns [B].
+    """
+    import ot
+
+    if n_iters < 1:
+        raise ValueError(f"pot_batch: n_iters must be >= 1 (POT's batched solver fails with "
+                         f"max_iter=0), got {n_iters}")
+    a, c = _rows(x, y, temperature)
+    cost = ot.batch.dist_batch(a, c, metric="minkowski", p=1)  # [B, M, N]
+    batch, m, n = cost.shape
+    padded_columns = ~_valid(y_lengths, batch, n, cost.device)[:, None, :]
+    cost = cost.masked_fill(padded_columns, 2.0 + 1000.0 * epsilon)
+    result = ot.batch.solve_batch(cost, reg=epsilon,
+                                  a=_weights(x_lengths, batch, m, unit_marginals, cost),
+                                  b=_weights(y_lengths, batch, n, unit_marginals, cost),
+                                  max_iter=n_iters, tol=0, method="log_sinkhorn", grad="autodiff")
+    return result.value_linear
+
+
+def pot_sinkhorn_log(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_iters=20,
+                     temperature=2.0, unit_marginals=True):
+    """POT's log-domain Sinkhorn (``ot.bregman.sinkhorn_log``), one problem at a time, autograd
+    through every step.
+
+    For each b, on the valid rows: ``M = ot.dist(a, c, metric="cityblock", use_tensor=True)``
+    (the L1 cost, in one broadcast rather than POT's default loop over the K coordinates) and
+    weights ``wa``, ``wb`` = ones (unit marginals) or 1/m_b, 1/n_b. POT updates its column
+    potential before its row potential, so the TRANSPOSED problem is solved,
+    ``ot.bregman.sinkhorn_log(wb, wa, M.T, epsilon, numItermax=n_iters, stopThr=0, warn=False)``,
+    which updates the op's f first, and its plan is transposed back: ``loss_b = sum(M * plan)``.
+    POT computes a marginal error every 10 iterations (never below stopThr = 0). Returns [B].
+    """
+    import ot
+
+    losses = []
+    for b in range(x.shape[0]):
+        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
+        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
+        a, c = _rows(x[b, :m], y[b, :n], temperature)
+        cost = ot.dist(a, c, metric="cityblock", use_tensor=True)
+        wa = cost.new_full((m,), 1.0 if unit_marginals else 1.0 / m)
+        wb = cost.new_full((n,), 1.0 if unit_marginals else 1.0 / n)
+        plan = ot.bregman.sinkhorn_log(wb, wa, cost.T, epsilon, numItermax=n_iters, stopThr=0,
+                                       warn=False).T
+        losses.append((cost * plan).sum())
+    return torch.stack(losses)
+
+
+def samples_loss_inputs(x, y, x_lengths=None, y_lengths=None, *, temperature=2.0):
+    """GeomLoss's measures: (α [B, M], a [B, M, K], β [B, N], c [B, N, K]) with
+    ``a = softmax(x/T)``, ``c = softmax(y/T)`` and probability weights, 1/m_b on the valid
+    positions and 0 on padding."""
+    a, c = _rows(x, y, temperature)
+    alpha = _weights(x_lengths, x.shape[0], x.shape[1], False, a)
+    beta = _weights(y_lengths, y.shape[0], y.shape[1], False, c)
+    return alpha, a, beta, c
+
+
+def geomloss_sinkhorn(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, temperature=2.0,
+                      scaling=0.5, backend="tensorized"):
+    r"""GeomLoss's entropic OT, ``geomloss.SamplesLoss("sinkhorn", p=1, blur=epsilon,
+    scaling=scaling, debias=False, backend=backend)(α, a, β, c)`` on :func:`samples_loss_inputs`.
+    Returns [B].
+
+    Not the op's loss, and not at a fixed iteration count:
+
+    - GeomLoss's p = 1 cost is the Euclidean norm ``C_ij = |a_i - c_j|_2``, not L1 (and the
+      tensorized backend computes it as ``sqrt(max(|a|^2 + |c|^2 - 2 a.c, 1e-8))``);
+    - its temperature is ``blur^p``, so ``blur = epsilon`` for p = 1;
+    - it anneals: epsilon-scaling from the diameter of the points down to ``epsilon`` by
+      factors ``scaling``, one symmetric (averaged) update of both potentials per value, and
+      no way to fix the count; benchmarks/tolerance.py finds the scaling that reaches the op's
+      accuracy;
+    - the value is the dual ``OT_eps = <α, f> + <β, g>`` of the probability-marginal problem,
+      not ``<P, C>``, and its gradient comes from the envelope theorem (the last update only).
+
+    ``backend="online"`` needs pykeops (it compiles its formulas on first use).
+    """
+    import geomloss
+
+    loss = geomloss.SamplesLoss("sinkhorn", p=1, blur=epsilon, scaling=scaling, debias=False,
+                                backend=backend)
+    return loss(*samples_loss_inputs(x, y, x_lengths, y_lengths, temperature=temperature))
+
+
+def released_loss(student_logits, teacher_logits, student_labels, teacher_labels):
+    """The released MultiLevelOT code's whole loss (method.md, preset ``official``), in eager
+    PyTorch as that code computes it. Returns the scalar total.
+
+    1. Every logit row of both models: ``z / (std(z, unbiased) + 1e-4)``, softmax over the
+       full vocabulary (batched).
+    2. Answer windows per sequence: ``shift`` = leading -100 labels - 1, ``size`` = labels that
+       are not -100 (the student's size - 1: its EOS position is dropped); rows
+       ``[shift, shift + size)``, left-aligned and zero-padded to L = the largest size of both.
+    3. One column order per model for the batch: the vocabulary sorted by ``p.sum((0, 1))``,
+       descending, and the first k = 50 columns kept (zero columns past V): ``s^k``, ``t^k``.
+    4. ``HAD = mean_b`` of the mean over the first ``min(size_S, size_T)`` rows of
+       ``sum |s^k - t^k|``; ``SL = -mean over all B*L rows of sum softmax(s^k) log_softmax(t^k)``;
+       ``SD = 0.001 sum_b released_loop(t^k, s^k)`` over all L rows (padded rows included;
+       epsilon 0.1, 10 iterations, temperature 2, unit marginals).
+    5. ``CE``: Hugging Face's shifted token-mean cross-entropy, logits ``[:, :-1]`` against
+       labels ``[:, 1:]`` with ignore_index -100 (in float32, or float64 for float64 logits;
+       NaN without answer tokens, as in Hugging Face).
+
+    ``total = CE + 1.5 * (HAD + 0.1 SL + 0.1 SD)``.
+    """
+    k = 50
+
+    def probs(logits, labels, drop_eos):
+        z = logits / (logits.std(-1, keepdim=True) + 1e-4)
+        p = torch.softmax(z, -1)
+        answer = labels != IGNORE_INDEX
+        shifts = (answer.int().argmax(1) - 1).tolist()
+        sizes = (answer.sum(1) - int(drop_eos)).clamp(min=0).tolist()
+        return p, shifts, sizes
+
+    def truncated(p, shifts, sizes, length):
+        rows = torch.stack([torch.nn.functional.pad(p[b, shift:shift + size],
+                                                    (0, 0, 0, length - size))
+                            for b, (shift, size) in enumerate(zip(shifts, sizes))])
+        order = rows.sum((0, 1)).argsort(descending=True)[:k]
+        return torch.nn.functional.pad(rows[..., order], (0, k - len(order)))
+
+    s_p, s_shifts, s_sizes = probs(student_logits, student_labels, drop_eos=True)
+    t_p, t_shifts, t_sizes = probs(teacher_logits, teacher_labels, drop_eos=False)
+    length = max(s_sizes + t_sizes)
+    s_k = truncated(s_p, s_shifts, s_sizes, length)
+    t_k = truncated(t_p, t_shifts, t_sizes, length)
+
+    n = torch.minimum(torch.tensor(s_sizes), torch.tensor(t_sizes)).to(s_k.device)
+    aligned = torch.arange(length, device=s_k.device)[None, :] < n[:, None]
+    had = (((s_k - t_k).abs().sum(-1) * aligned).sum(1) / n.clamp(min=1)).mean()
+    sl = -(torch.softmax(s_k, -1) * torch.log_softmax(t_k, -1)).sum(-1).mean()
+    sd = 0.001 * released_loop(t_k, s_k, epsilon=0.1, n_iters=10, temperature=2.0).sum()
+
+    logits = student_logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           student_labels[:, 1:].reshape(-1),
+                                           ignore_index=IGNORE_INDEX)
+    return ce + 1.5 * (had + 0.1 * sl + 0.1 * sd)
 
 
 def eager_topk_probs(logits, k=50, temperature=1.0, std_scale=False, ranking="sequence"):

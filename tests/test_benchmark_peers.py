@@ -1,54 +1,195 @@
-"""The benchmark peers (benchmarks/peers.py) compute what the op computes, so timings compare equal work."""
+"""The benchmark peers (benchmarks/peers.py) compute what the op computes, so timings compare equal
+work; benchmarks/tolerance.py measures the accuracy that GeomLoss is compared at."""
+
+import math
 
 import pytest
 import torch
 
 import mlot_kernels
-from benchmarks.peers import batched_log_domain, eager_topk_probs, released_loop
+from benchmarks import peers, tolerance
 from tests.conftest import value_and_grads
+from tests.loss_oracles import make_batch, official_oracle
 
 EPSILON = 0.1
 TEMPERATURE = 2.0
+B, M, N, K = 3, 11, 8, 9
+LADDER = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
-def _inputs(seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 11, 9, generator=gen, dtype=torch.float64)
-    y = torch.randn(3, 8, 9, generator=gen, dtype=torch.float64)
-    return x, y
+def _problem(gen, lengths, scale=1.0, shortest=1, k=K):
+    """Fresh float64 x [B, M, k], y [B, N, k] (``scale * randn``) and, with ``lengths``, valid
+    lengths: one full, one random in [shortest, maximum), one ``shortest``."""
+    x = scale * torch.randn(B, M, k, generator=gen, dtype=torch.float64)
+    y = scale * torch.randn(B, N, k, generator=gen, dtype=torch.float64)
+    if not lengths:
+        return x, y, None, None
+    x_lengths = torch.tensor([M, int(torch.randint(shortest, M, (), generator=gen)), shortest])
+    y_lengths = torch.tensor([int(torch.randint(shortest, N, (), generator=gen)), shortest, N])
+    return x, y, x_lengths, y_lengths
 
 
-def _assert_same(peer, op, seed):
-    x, y = _inputs(seed)
-    # random weights, so that each problem's gradient is checked on its own
-    weights = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(7), dtype=x.dtype)
-    for got, want in zip(value_and_grads(peer, x, y, weights), value_and_grads(op, x, y, weights)):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+def _assert_same_as_op(peer, gen, n_iters, unit_marginals, lengths):
+    """The peer's [B] values and the gradients of a random weighting of them (so that each
+    problem's gradient is checked on its own) equal the op's with p=1, and are finite."""
+    x, y, x_lengths, y_lengths = _problem(gen, lengths)
+    weights = torch.rand(B, generator=gen, dtype=torch.float64)
+    options = {"epsilon": EPSILON, "n_iters": n_iters, "temperature": TEMPERATURE,
+               "unit_marginals": unit_marginals}
+    got = value_and_grads(peer, x, y, weights, x_lengths, y_lengths, **options)
+    want = value_and_grads(mlot_kernels.sinkhorn_loss, x, y, weights, x_lengths, y_lengths, p=1,
+                           **options)
+    for actual, expected in zip(got, want):
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("n_iters", [0, 1, 20])
-def test_released_loop_matches_op_with_unit_marginals(n_iters):
-    """released_loop's value and gradients equal the op's with p=1 and unit marginals."""
-    _assert_same(
-        lambda x, y: released_loop(x, y, EPSILON, n_iters, temperature=TEMPERATURE),
-        lambda x, y: mlot_kernels.sinkhorn_loss(x, y, epsilon=EPSILON, n_iters=n_iters,
-                                                temperature=TEMPERATURE, p=1, unit_marginals=True),
-        seed=n_iters,
-    )
+# every equal-iteration peer, n_iters, marginals and lengths that the peer supports:
+# released_loop has unit marginals only, POT's batched solver fails with max_iter=0
+PEER_CASES = [
+    pytest.param(name, n_iters, unit, lengths,
+                 id=f"{name}-{n_iters}-{'unit' if unit else 'prob'}-{'lengths' if lengths else 'full'}")
+    for name in ("released_loop", "batched_log_domain", "pot_batch", "pot_sinkhorn_log")
+    for n_iters in (0, 1, 20)
+    for unit in (True, False)
+    for lengths in (False, True)
+    if (unit or name != "released_loop") and (n_iters > 0 or name != "pot_batch")
+]
 
 
-@pytest.mark.parametrize("unit_marginals", [True, False])
-@pytest.mark.parametrize("n_iters", [0, 1, 20])
-def test_batched_log_domain_matches_op(n_iters, unit_marginals):
-    """batched_log_domain's value and gradients equal the op's with p=1 and the same marginals."""
-    _assert_same(
-        lambda x, y: batched_log_domain(x, y, EPSILON, n_iters, temperature=TEMPERATURE,
-                                        unit_marginals=unit_marginals),
-        lambda x, y: mlot_kernels.sinkhorn_loss(x, y, epsilon=EPSILON, n_iters=n_iters,
-                                                temperature=TEMPERATURE, p=1,
-                                                unit_marginals=unit_marginals),
-        seed=100 + n_iters + 10 * unit_marginals,
-    )
+@pytest.mark.parametrize("name, n_iters, unit_marginals, lengths", PEER_CASES)
+def test_sinkhorn_peer_matches_op(gen, name, n_iters, unit_marginals, lengths):
+    """Each equal-iteration peer's values and gradients equal the op's (p=1, the same
+    iterations, marginals and lengths) to rounding in float64."""
+    if name.startswith("pot_"):
+        pytest.importorskip("ot")
+    _assert_same_as_op(getattr(peers, name), gen, n_iters, unit_marginals, lengths)
+
+
+@pytest.mark.slow
+def test_compiled_log_domain_matches_op(gen):
+    """torch.compile of batched_log_domain (a cold compile: ~35 s on 2 cores, hence 2
+    iterations and one case) computes the op's values and gradients."""
+    _assert_same_as_op(peers.compiled_log_domain, gen, n_iters=2, unit_marginals=False,
+                       lengths=True)
+
+
+def test_peers_reject_what_they_cannot_compute():
+    """released_loop has unit marginals only; POT's batched solver needs n_iters >= 1."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unit_marginals"):
+        peers.released_loop(x, x, unit_marginals=False)
+    pytest.importorskip("ot")
+    with pytest.raises(ValueError, match="n_iters"):
+        peers.pot_batch(x, x, n_iters=0)
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_iterations_to_tolerance_is_the_first_n_within_tol(gen, lengths):
+    """iterations_to_tolerance returns the n with err(n) <= tol < err(n - 1) for the worst
+    problem (op_marginal_error), and raises when max_iters is below it; the error measures the
+    probability marginals (it vanishes once converged)."""
+    x, y, x_lengths, y_lengths = _problem(gen, lengths, scale=3.0, shortest=2)
+    options = {"epsilon": EPSILON, "temperature": 1.0}
+    tol = 1e-3
+    n = tolerance.iterations_to_tolerance(x, y, x_lengths, y_lengths, tol=tol, **options)
+
+    def worst(n_iters):
+        errors = tolerance.op_marginal_error(x, y, x_lengths, y_lengths, n_iters=n_iters, **options)
+        assert errors.shape == (B,) and errors.dtype == torch.float64
+        return errors.max().item()
+
+    assert n >= 2
+    assert worst(n) <= tol < worst(n - 1)
+    assert worst(500) < 1e-12
+    with pytest.raises(ValueError, match="max_iters"):
+        tolerance.iterations_to_tolerance(x, y, x_lengths, y_lengths, tol=tol, max_iters=n - 1,
+                                          **options)
+
+
+def test_geomloss_marginal_error_falls_with_the_scaling(gen):
+    """GeomLoss's marginal error falls as the scaling approaches 1 (checked at 0.5, 0.9 and
+    0.99: in between, where the annealing schedule lands on epsilon makes it wobble), and
+    scaling_to_tolerance returns the first scaling of the ladder within tol, or None."""
+    pytest.importorskip("geomloss")
+    x, y, x_lengths, y_lengths = _problem(gen, lengths=True, scale=3.0, shortest=2)
+    options = {"epsilon": EPSILON, "temperature": 1.0}
+    errors = {scaling: tolerance.geomloss_marginal_error(x, y, x_lengths, y_lengths,
+                                                         scaling=scaling, **options)
+              for scaling in LADDER}
+    assert all(e.shape == (B,) and e.dtype == torch.float64 for e in errors.values())
+    worst = [errors[scaling].max().item() for scaling in LADDER]
+    assert worst[LADDER.index(0.5)] > worst[LADDER.index(0.9)] > worst[LADDER.index(0.99)]
+    tol = worst[LADDER.index(0.9)]
+    first = next(s for s, w in zip(LADDER, worst) if w <= tol)
+    assert tolerance.scaling_to_tolerance(x, y, x_lengths, y_lengths, tol=tol, **options) == first
+    assert tolerance.scaling_to_tolerance(x, y, x_lengths, y_lengths, tol=min(worst) / 2,
+                                          **options) is None
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_geomloss_marginal_error_is_tiny_at_fine_scaling(gen, lengths):
+    """At scaling 0.99 the plan rebuilt from GeomLoss's potentials, with the Euclidean cost and
+    no rescaling, has its marginals (on the benchmarks' kind of input, randn logits over 50
+    columns at temperature 2): the formula of geomloss_marginal_error is GeomLoss's plan."""
+    pytest.importorskip("geomloss")
+    x, y, x_lengths, y_lengths = _problem(gen, lengths, k=50)
+    errors = tolerance.geomloss_marginal_error(x, y, x_lengths, y_lengths, epsilon=EPSILON,
+                                               temperature=TEMPERATURE, scaling=0.99)
+    assert errors.max() < 1e-4
+
+
+def _converged_ot_eps(x, y, x_lengths, y_lengths, epsilon, temperature):
+    """[B]: OT_eps = <α, f> + <β, g> of each problem on its valid prefix, uniform weights, cost
+    |a_i - c_j|_2 of the softmax rows, from log-domain Sinkhorn run to float64 convergence."""
+    values = []
+    for b in range(x.shape[0]):
+        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
+        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
+        a = torch.softmax(x[b, :m] / temperature, -1)
+        c = torch.softmax(y[b, :n] / temperature, -1)
+        cost = (a[:, None, :] - c[None, :, :]).square().sum(-1).sqrt()
+        f, g = cost.new_zeros(m), cost.new_zeros(n)
+        for _ in range(20000):
+            f = -epsilon * torch.logsumexp((g[None, :] - cost) / epsilon - math.log(n), dim=1)
+            g = -epsilon * torch.logsumexp((f[:, None] - cost) / epsilon - math.log(m), dim=0)
+            plan = torch.exp((f[:, None] + g[None, :] - cost) / epsilon) / (m * n)
+            if (plan.sum(1) - 1 / m).abs().sum() < 1e-14:
+                break
+        else:
+            raise AssertionError("the reference Sinkhorn did not converge")
+        values.append(f.mean() + g.mean())
+    return torch.stack(values)
+
+
+@pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
+def test_geomloss_sinkhorn_is_entropic_ot(gen, lengths):
+    """geomloss_sinkhorn at a fine scaling is the converged entropic OT value of the
+    probability measures with the Euclidean cost, OT_eps = <α, f> + <β, g> (1e-4 relative)."""
+    pytest.importorskip("geomloss")
+    x, y, x_lengths, y_lengths = _problem(gen, lengths, scale=3.0, shortest=2)
+    value = peers.geomloss_sinkhorn(x, y, x_lengths, y_lengths, epsilon=EPSILON, temperature=1.0,
+                                    scaling=0.999)
+    expected = _converged_ot_eps(x, y, x_lengths, y_lengths, EPSILON, 1.0)
+    torch.testing.assert_close(value, expected, rtol=1e-4, atol=0)
+
+
+def test_released_loss_matches_official_preset(gen):
+    """released_loss equals MultiLevelOTLoss('official')'s total and its gradients with respect
+    to both models' logits in float64 (and the official oracle), with different answer lengths."""
+    batch = make_batch(gen, [5, 3, 7], [4, 6, 2], 80, 64)
+    official = mlot_kernels.MultiLevelOTLoss("official")
+    results = []
+    for fn in (peers.released_loss, lambda *args: official(*args)["loss"],
+               lambda *args: official_oracle(*args)["loss"]):
+        s_logits, t_logits = (z.detach().requires_grad_() for z in batch[:2])
+        loss = fn(s_logits, t_logits, *batch[2:])
+        results.append((loss.detach(), *torch.autograd.grad(loss, (s_logits, t_logits))))
+    released, *expected = results
+    assert released[0].dim() == 0
+    for other in expected:
+        for actual, want in zip(released, other):
+            torch.testing.assert_close(actual, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("std_scale", [False, True])
@@ -60,7 +201,7 @@ def test_eager_topk_probs_matches_op(gen, ranking, std_scale):
     logits = 3 * torch.randn(3, 7, 300, generator=gen, dtype=torch.float64)
     weights = torch.rand(3, 7, k, generator=gen, dtype=torch.float64) + 0.5
     results = []
-    for fn in (eager_topk_probs, mlot_kernels.topk_probs):
+    for fn in (peers.eager_topk_probs, mlot_kernels.topk_probs):
         z = logits.clone().requires_grad_()
         probs, indices = fn(z, k=k, temperature=temperature, std_scale=std_scale, ranking=ranking)
         (grad,) = torch.autograd.grad((probs * weights).sum(), z)

@@ -1,0 +1,99 @@
+"""The benchmark report (benchmarks/report.py) runs end to end at tiny sizes, and the README's
+benchmark tables are the ones rendered from the committed results."""
+
+import glob
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import report as report_module
+from benchmarks.summarize import summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.report", "--device", "cpu", "--quick",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-5000:]
+    with open(out / "cpu-report.json") as f:
+        # the paths written, one per line (pykeops prints its own warnings on stdout too)
+        return out, json.load(f), [line for line in done.stdout.splitlines() if line.startswith(str(out))]
+
+
+@pytest.mark.slow
+def test_quick_report_measures_every_installed_implementation(quick_report):
+    """Every section ran; an implementation whose packages are installed is measured on every
+    case (nothing is predicted too slow at tiny sizes), with a positive time and the op's rows
+    carrying the fractions of the measured ceilings."""
+    _, report, _ = quick_report
+    assert [s["suite"] for s in report["sections"]] == ["sinkhorn", "sinkhorn_tolerance",
+                                                         "topk_probs", "loss"]
+    assert report["ceilings"]["copy_gb_s"] > 0 and report["ceilings"]["matmul_fp32_tflop_s"] > 0
+    for section in report["sections"]:
+        module, name = report_module.SUITES[section["suite"]]
+        table = getattr(importlib.import_module(module), name)
+        for row in section["rows"]:
+            spec = table[row["impl"]]
+            if not spec.available():
+                assert row["skipped"].startswith("not installed"), row
+                continue
+            assert "skipped" not in row, row
+            assert row["median_ms"] > 0 and row["peak_extra_mib"] >= 0, row
+            assert row["speedup"] > 0, row
+            if row["impl"] == "mlot" and section["suite"] != "loss":
+                assert row["bandwidth_fraction"] > 0, row
+        assert {row["impl"] for row in section["rows"]} == set(table)
+
+
+@pytest.mark.slow
+def test_quick_report_writes_markdown_and_plots(quick_report):
+    """The Markdown is the rendering of the JSON; one PNG per section with a sweep."""
+    out, report, printed = quick_report
+    with open(out / "cpu-report.md") as f:
+        assert f.read() == report_module.render(report)
+    pngs = sorted(glob.glob(str(out / "cpu-report-*.png")))
+    assert [os.path.basename(p) for p in pngs] == sorted(
+        f"cpu-report-{s['suite']}.png" for s in report["sections"])
+    for path in pngs:
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_MAGIC
+    assert sorted(printed) == sorted([str(out / "cpu-report.json"), str(out / "cpu-report.md"), *pngs])
+
+
+def _table_lines(markdown):
+    return [line for line in markdown.splitlines() if line.startswith("| ")]
+
+
+def _readme():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+REPORTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*-report.json")))
+
+
+@pytest.mark.parametrize("path", REPORTS)
+def test_readme_has_the_committed_report_tables(path):
+    """Every table row rendered from a committed report is in the README, as rendered."""
+    with open(path) as f:
+        lines = _table_lines(report_module.render(json.load(f)))
+    readme = _readme()
+    assert lines and not [line for line in lines if line not in readme]
+
+
+@pytest.mark.parametrize("name", ["sinkhorn", "topk-probs", "loss"])
+def test_readme_has_the_committed_suite_tables(name):
+    """Every table row summarised from a committed pytest-benchmark suite is in the README."""
+    path = os.path.join(ROOT, "benchmarks", "results", f"cpu-{name}.json")
+    with open(path) as f:
+        lines = _table_lines(summarize(json.load(f)))
+    readme = _readme()
+    assert lines and not [line for line in lines if line not in readme]

@@ -10,6 +10,7 @@ move, the floating-point operations it must do) over its median time, divided by
 
 import torch
 
+from benchmarks.steps import synchronizer
 from benchmarks.timing import median_seconds
 
 SIZES = {  # device type: (copy MiB, matmul n)
@@ -19,21 +20,17 @@ SIZES = {  # device type: (copy MiB, matmul n)
 QUICK_SIZES = (16, 256)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(device, quick=False):
     """{"copy_gb_s", "matmul_fp32_tflop_s"} of ``device``, with the sizes used."""
     device = torch.device(device)
+    sync = synchronizer(device)
     copy_mib, n = QUICK_SIZES if quick else SIZES[device.type]
     src = torch.empty(copy_mib * 2**20 // 4, device=device).uniform_()
     dst = torch.empty_like(src)
 
     def copy():
         dst.copy_(src)
-        _sync(device)
+        sync()
 
     copy_s, _ = median_seconds(copy, target_s=1.0, min_rounds=5)
     a = torch.randn(n, n, device=device)
@@ -43,7 +40,7 @@ def measure(device, quick=False):
     try:
         def matmul():
             torch.mm(a, b)
-            _sync(device)
+            sync()
 
         mm_s, _ = median_seconds(matmul, target_s=1.0, min_rounds=3)
     finally:

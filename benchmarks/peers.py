@@ -37,6 +37,8 @@ import math
 import torch
 import torch.fx.experimental._config as fx_config
 
+from mlot_kernels.reference import valid_prefixes
+
 IGNORE_INDEX = -100
 
 
@@ -73,10 +75,8 @@ def released_loop(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_iters=
         raise ValueError("released_loop: unit_marginals must be True (the released code has "
                          "unit marginals only), got False")
     losses = []
-    for b in range(x.shape[0]):
-        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
-        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
-        a, c = _rows(x[b, :m], y[b, :n], temperature)
+    for x_b, y_b in valid_prefixes(x, y, x_lengths, y_lengths):
+        a, c = _rows(x_b, y_b, temperature)
         w = torch.cdist(a, c, p=1)
         k = torch.exp(-w / epsilon)
         for _ in range(n_iters):
@@ -186,10 +186,9 @@ def pot_sinkhorn_log(x, y, x_lengths=None, y_lengths=None, *, epsilon=0.1, n_ite
     import ot
 
     losses = []
-    for b in range(x.shape[0]):
-        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
-        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
-        a, c = _rows(x[b, :m], y[b, :n], temperature)
+    for x_b, y_b in valid_prefixes(x, y, x_lengths, y_lengths):
+        a, c = _rows(x_b, y_b, temperature)
+        m, n = len(a), len(c)
         cost = ot.dist(a, c, metric="cityblock", use_tensor=True)
         wa = cost.new_full((m,), 1.0 if unit_marginals else 1.0 / m)
         wb = cost.new_full((n,), 1.0 if unit_marginals else 1.0 / n)

@@ -39,9 +39,15 @@ class Steps(NamedTuple):
     forward_backward: Callable
 
 
+def synchronizer(device):
+    """A callable that waits for ``device``'s queued work: ``torch.cuda.synchronize`` on CUDA,
+    nothing on CPU."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def make_steps(run, wrt, device):
     """:class:`Steps` of the objective ``run()`` differentiated with respect to ``wrt``."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
 
     def forward():
         out = run()

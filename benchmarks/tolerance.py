@@ -22,8 +22,6 @@ GeomLoss's potentials lag behind its falling epsilon, so its error shrinks rough
 can miss 1e-3, and :func:`scaling_to_tolerance` then returns None.
 """
 
-import math
-
 import torch
 
 from benchmarks.peers import samples_loss_inputs
@@ -39,14 +37,9 @@ def marginal_error(plan, alpha, beta):
 
 def _costs(x, y, x_lengths, y_lengths, temperature):
     """Per problem, the op's float64 L1 cost [m_b, n_b] on its valid prefix (the reference's)."""
-    costs = []
-    for b in range(x.shape[0]):
-        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
-        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
-        a = reference.rows(x[b, :m].double(), temperature)
-        c = reference.rows(y[b, :n].double(), temperature)
-        costs.append(reference.cost_matrix(a, c, 1))
-    return costs
+    return [reference.cost_matrix(reference.rows(x_b.double(), temperature),
+                                  reference.rows(y_b.double(), temperature), 1)
+            for x_b, y_b in reference.valid_prefixes(x, y, x_lengths, y_lengths)]
 
 
 def _uniform(cost):
@@ -74,30 +67,20 @@ def iterations_to_tolerance(x, y, x_lengths=None, y_lengths=None, *, epsilon, te
     is <= ``tol``; a ValueError if none up to ``max_iters`` is.
 
     One run of the iterations for all problems, the error recorded after each: the reference's
-    updates (``f_i = eps la_i - eps LSE_j((g_j - C_ij)/eps)``, then ``g``) and plan
-    ``P_ij = exp((f_i + g_j - C_ij)/eps)``, exactly as ``reference.transport_plan`` computes them.
+    potentials (``reference.potentials``) and plan (``reference.plan_from_potentials``), as
+    ``reference.transport_plan`` computes them.
     """
     costs = _costs(x, y, x_lengths, y_lengths, temperature)
     marginals = [_uniform(cost) for cost in costs]
-    potentials = [(cost.new_zeros(cost.shape[0]), cost.new_zeros(cost.shape[1])) for cost in costs]
+    iterates = zip(*(reference.potentials(cost, epsilon, unit_marginals=False) for cost in costs))
     worst = None
-    for n_iters in range(max_iters + 1):
-        if n_iters > 0:
-            potentials = [_iterate(cost, g, epsilon) for cost, (_, g) in zip(costs, potentials)]
-        worst = max(marginal_error(torch.exp((f[:, None] + g[None, :] - cost) / epsilon), *ab).item()
+    for n_iters, potentials in zip(range(max_iters + 1), iterates):
+        worst = max(marginal_error(reference.plan_from_potentials(cost, f, g, epsilon), *ab).item()
                     for cost, (f, g), ab in zip(costs, potentials, marginals))
         if worst <= tol:
             return n_iters
     raise ValueError(f"iterations_to_tolerance: the marginal error is still {worst:.3g} > tol = "
                      f"{tol:g} after max_iters = {max_iters} iterations")
-
-
-def _iterate(cost, g, epsilon):
-    """One Sinkhorn iteration of ``reference.transport_plan``, probability marginals: (f, g)."""
-    m, n = cost.shape
-    f = -epsilon * math.log(m) - epsilon * torch.logsumexp((g[None, :] - cost) / epsilon, dim=1)
-    g = -epsilon * math.log(n) - epsilon * torch.logsumexp((f[:, None] - cost) / epsilon, dim=0)
-    return f, g
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ Each follows its contract (docs in the op's module) literally, one problem at a 
 autograd through every step. Pass float64 inputs for a float64 evaluation.
 """
 
+import itertools
 import math
 
 import torch
@@ -14,11 +15,9 @@ def sinkhorn_loss(x, y, x_lengths=None, y_lengths=None, epsilon=0.1, n_iters=20,
     """Reference of ``torch.ops.mlot.sinkhorn_loss``: log-domain Sinkhorn, [B] losses."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     losses = []
-    for b in range(x.shape[0]):
-        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
-        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
-        xb, yb = x[b, :m].to(dtype), y[b, :n].to(dtype)
-        if m == 0 or n == 0:
+    for xb, yb in valid_prefixes(x, y, x_lengths, y_lengths):
+        xb, yb = xb.to(dtype), yb.to(dtype)
+        if len(xb) == 0 or len(yb) == 0:
             losses.append(xb[:0].sum() + yb[:0].sum())  # 0, with a zero gradient
             continue
         cost = cost_matrix(rows(xb, temperature), rows(yb, temperature), p)
@@ -27,6 +26,14 @@ def sinkhorn_loss(x, y, x_lengths=None, y_lengths=None, epsilon=0.1, n_iters=20,
             plan = plan.detach()
         losses.append((plan * cost).sum())
     return torch.stack(losses)
+
+
+def valid_prefixes(x, y, x_lengths=None, y_lengths=None):
+    """Per problem b, ``(x[b, :m_b], y[b, :n_b])``: its valid rows (all when lengths are None)."""
+    for b in range(x.shape[0]):
+        m = x.shape[1] if x_lengths is None else int(x_lengths[b])
+        n = y.shape[1] if y_lengths is None else int(y_lengths[b])
+        yield x[b, :m], y[b, :n]
 
 
 def rows(x, temperature):
@@ -40,17 +47,31 @@ def cost_matrix(a, c, p):
     return (diff.abs() if p == 1 else diff.square()).sum(-1)
 
 
-def transport_plan(cost, epsilon, n_iters, unit_marginals):
-    """P = exp((f_i + g_j - C_ij)/eps) after n_iters log-domain Sinkhorn iterations from f = g = 0."""
+def potentials(cost, epsilon, unit_marginals):
+    """The log-domain Sinkhorn potentials (f, g): f = g = 0, then after each iteration
+    ``f_i = eps log a_i - eps LSE_j((g_j - C_ij)/eps)``, ``g_j = eps log b_j - eps LSE_i((f_i - C_ij)/eps)``
+    (an endless generator)."""
     m, n = cost.shape
     log_a = 0.0 if unit_marginals else -math.log(m)
     log_b = 0.0 if unit_marginals else -math.log(n)
     f = cost.new_zeros(m)
     g = cost.new_zeros(n)
-    for _ in range(n_iters):
+    yield f, g
+    while True:
         f = epsilon * log_a - epsilon * torch.logsumexp((g[None, :] - cost) / epsilon, dim=1)
         g = epsilon * log_b - epsilon * torch.logsumexp((f[:, None] - cost) / epsilon, dim=0)
+        yield f, g
+
+
+def plan_from_potentials(cost, f, g, epsilon):
+    """P = exp((f_i + g_j - C_ij)/eps)."""
     return torch.exp((f[:, None] + g[None, :] - cost) / epsilon)
+
+
+def transport_plan(cost, epsilon, n_iters, unit_marginals):
+    """P after n_iters log-domain Sinkhorn iterations from f = g = 0."""
+    f, g = next(itertools.islice(potentials(cost, epsilon, unit_marginals), n_iters, None))
+    return plan_from_potentials(cost, f, g, epsilon)
 
 
 def topk_probs(logits, lengths=None, k=50, temperature=1.0, std_scale=False, ranking="sequence"):

@@ -351,7 +351,13 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(args.device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     report = run(args.device, args.quick, log=lambda text: print(text, file=sys.stderr, flush=True))
     for path in write(report, args.out, tag(args.device)):

@@ -15,6 +15,8 @@ from benchmarks.timing import time_step
 
 QUICK = os.environ.get("MLOT_BENCH_QUICK", "") not in ("", "0")
 DEVICE = os.environ.get("MLOT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"MLOT_BENCH_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
 
 
 def bench(benchmark, suite, impl, name, case, mode):

@@ -62,9 +62,12 @@ from mlot_kernels.sinkhorn import _compute_dtype
 
 # On-chip regime up to this many (padded) cost entries: 256 x 256.
 ONCHIP_MAX_ENTRIES = 256 * 256
-# Tile sizes of the tiled regime (rows of the own side x rows of the other side).
+# Tile sizes of the tiled regime (rows of the own side x rows of the other side) and its warps:
+# with 64 x 64 tiles every tiled kernel spills registers at 4 warps and none does at 8, compiled
+# for sm_90 (benchmarks/kernel_resources.py; chosen at compile time, not yet timed on a GPU).
 TILE_OWN = 64
 TILE_OTHER = 64
+TILED_NUM_WARPS = 8
 # Largest K chunk read at once for the softmax statistics and its backward.
 MAX_BLOCK_K = 64
 
@@ -533,16 +536,17 @@ def _tiled_gradient_kernel(
             else:
                 Cbar = grad * (plan - plan * C * inv_eps)
                 for t in range(1, n_iters + 1):
+                    # (x's vectors and y's keep their own names: with BO != BT their sizes differ)
                     f = tl.load(f_ptr + t * M + xi, mask=xm, other=0.0)
-                    mx = tl.load(mxc_ptr + t * N + yj, mask=ym, other=0.0)
-                    lt = tl.load(ltc_ptr + t * N + yj, mask=ym, other=0.0)
+                    mxc = tl.load(mxc_ptr + t * N + yj, mask=ym, other=0.0)
+                    ltc = tl.load(ltc_ptr + t * N + yj, mask=ym, other=0.0)
                     gbar = tl.load(gbar_ptr + t * N + yj, mask=ym, other=0.0)
-                    Cbar += _plan(f, mx, lt, C, mask2, inv_eps, XA) * tl.expand_dims(gbar, XA)
+                    Cbar += _plan(f, mxc, ltc, C, mask2, inv_eps, XA) * tl.expand_dims(gbar, XA)
                     g_prev = tl.load(g_ptr + (t - 1) * N + yj, mask=ym, other=0.0)
-                    mx = tl.load(mxr_ptr + t * M + xi, mask=xm, other=0.0)
-                    lt = tl.load(ltr_ptr + t * M + xi, mask=xm, other=0.0)
+                    mxr = tl.load(mxr_ptr + t * M + xi, mask=xm, other=0.0)
+                    ltr = tl.load(ltr_ptr + t * M + xi, mask=xm, other=0.0)
                     fbar = tl.load(fbar_ptr + t * M + xi, mask=xm, other=0.0)
-                    pi_f = _plan(g_prev, mx, lt, C, mask2, inv_eps, 1 - XA)
+                    pi_f = _plan(g_prev, mxr, ltr, C, mask2, inv_eps, 1 - XA)
                     Cbar += pi_f * tl.expand_dims(fbar, 1 - XA)
             for l in range(K):
                 a = _column(own_ptr, idx, omask, l, K, omx, oinv, inv_t, SOFTMAX, DTYPE)
@@ -561,12 +565,13 @@ def _tiled_gradient_kernel(
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Launch configuration: the on-chip regime (one program per problem), or the tiled one
-    with tiles of block_own x block_other cost entries."""
+    with tiles of block_own x block_other cost entries; num_warps per program (the default is
+    the tiled regime's; choose_config sizes the on-chip one by the problem)."""
 
     onchip: bool
     block_own: int = TILE_OWN
     block_other: int = TILE_OTHER
-    num_warps: int = 4
+    num_warps: int = TILED_NUM_WARPS
 
     def __post_init__(self):
         for name in ("block_own", "block_other", "num_warps"):

@@ -237,8 +237,9 @@ def tag(device):
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def run(device, quick=False, log=print):
-    """The report dict for ``device``."""
+def run(device, quick=False, log=print, on_section=None):
+    """The report dict for ``device``. ``on_section`` gets the report so far after each section
+    (with ``incomplete`` saying how many sections it has until the last)."""
     kind = torch.device(device).type
     meta = dict(
         device=_device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
@@ -249,8 +250,15 @@ def run(device, quick=False, log=print):
     )
     ceiling = ceilings.measure(device, quick)
     log(f"ceilings: {ceiling}")
-    sections = [run_section(section, kind, ceiling, log) for section in plan(device, quick)]
-    return dict(meta=meta, ceilings=ceiling, sections=sections)
+    planned, sections = plan(device, quick), []
+    for section in planned:
+        sections.append(run_section(section, kind, ceiling, log))
+        report = dict(meta=meta, ceilings=ceiling, sections=list(sections))
+        if len(sections) < len(planned):
+            report["incomplete"] = f"{len(sections)} of {len(planned)} sections"
+        if on_section:
+            on_section(report)
+    return report
 
 
 def _cell(value, fmt):
@@ -273,6 +281,8 @@ def render(report):
     ]
     if meta["quick"]:
         lines += ["", "**--quick: tiny sizes, not representative.**"]
+    if report.get("incomplete"):
+        lines += ["", f"**Incomplete: {report['incomplete']}; the run stopped before the rest.**"]
     for section in report["sections"]:
         lines += ["", f"#### {section['title']}", "", section["note"], ""]
         lines += [f"- `{impl}`: {text}" for impl, text in section["computes"].items()]
@@ -359,8 +369,14 @@ def main(argv=None):
         parser.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
-    report = run(args.device, args.quick, log=lambda text: print(text, file=sys.stderr, flush=True))
-    for path in write(report, args.out, tag(args.device)):
+    prefix, written = tag(args.device), []
+
+    def checkpoint(report):  # after every section: a run cut short keeps the sections it finished
+        written[:] = write(report, args.out, prefix)
+
+    run(args.device, args.quick, log=lambda text: print(text, file=sys.stderr, flush=True),
+        on_section=checkpoint)
+    for path in written:
         print(path)
 
 

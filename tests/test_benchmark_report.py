@@ -66,6 +66,17 @@ def test_quick_report_writes_markdown_and_plots(quick_report):
         with open(path, "rb") as f:
             assert f.read(8) == PNG_MAGIC
     assert sorted(printed) == sorted([str(out / "cpu-report.json"), str(out / "cpu-report.md"), *pngs])
+    assert "incomplete" not in report
+
+
+def test_report_says_when_it_was_cut_short():
+    """A report written after its first section (what a run stopped there leaves) says so;
+    a whole one does not."""
+    with open(os.path.join(ROOT, "benchmarks", "results", "cpu-report.json")) as f:
+        whole = json.load(f)
+    partial = dict(whole, sections=whole["sections"][:1], incomplete="1 of 4 sections")
+    assert "**Incomplete: 1 of 4 sections" in report_module.render(partial)
+    assert "Incomplete" not in report_module.render(whole)
 
 
 def _table_lines(markdown):

@@ -184,14 +184,16 @@ def _short(value):
 
 
 def cases(quick=False):
-    """(case name, launches) for every case: the Sinkhorn ones in float32 and bfloat16 (in
-    --quick, the long case forced into the tiled regime with 16 x 8 tiles), then topk_probs."""
+    """(case name, launches) for every case: the Sinkhorn ones in float32 and bfloat16, then
+    topk_probs. --quick, the CI check, adds float64 (the GPU gradchecks' dtype) and forces the
+    long case into the tiled regime with 16 x 8 tiles."""
     from mlot_kernels.triton_ops import Config
 
     out = []
+    dtypes = (torch.float32, torch.bfloat16) + ((torch.float64,) if quick else ())
     for name, case in sinkhorn_cases.named_cases("cuda", quick).items():
         config = Config(onchip=False, block_own=16, block_other=8) if quick and name == "long" else None
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             out.append((f"sinkhorn {name} {sinkhorn_cases.shape(case)} "
                         f"{str(dtype).removeprefix('torch.')}", sinkhorn_launches(case, dtype, config)))
     for name, case in topk_cases.named_cases("cuda", quick).items():

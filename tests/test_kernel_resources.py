@@ -1,7 +1,8 @@
 """Every Triton kernel compiles for sm_90 (H100, H200) on this machine, GPU or not, through
 benchmarks/kernel_resources.py: the kernels CI runs under the interpreter are also accepted by
-the GPU compiler, in both Sinkhorn regimes, float32 and bfloat16 inputs and both gradient modes,
-and ptxas reports their registers and spills. The committed report is its JSON's rendering."""
+the GPU compiler, in both Sinkhorn regimes, with float32, bfloat16 and float64 inputs and both
+gradient modes, and ptxas reports their registers and spills. The committed report is its
+JSON's rendering."""
 
 import json
 import os
@@ -38,7 +39,7 @@ def test_every_kernel_compiles_for_sm90(quick_resources):
         assert 0 < row["registers"] <= 255, row
         assert min(row["spill_stores"], row["spill_loads"], row["stack"]) >= 0, row
     specialisations = " ".join(row["specialisation"] for row in rows)
-    for wanted in ("in fp32", "in bf16", "DETACH=True", "DETACH=False", "XA=0", "XA=1",
+    for wanted in ("in fp32", "in bf16", "in fp64", "DETACH=True", "DETACH=False", "XA=0", "XA=1",
                    "STD_SCALE=True", "STD_SCALE=False"):
         assert wanted in specialisations
 

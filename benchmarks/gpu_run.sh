@@ -64,7 +64,7 @@ test)
     # -rs lists every skip: on a GPU, none of the CUDA tests may be skipped.
     step timeout 420 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_sinkhorn_cuda.py \
         tests/test_topk_probs_cuda.py --junitxml="$OUT/cuda-tests.xml"
-    step env -u TRITON_INTERPRET timeout 120 "$PYTHON" -m benchmarks.kernel_resources --quick \
+    step env -u TRITON_INTERPRET timeout 240 "$PYTHON" -m benchmarks.kernel_resources --quick \
         --json "$OUT/kernel-resources-quick.json" --out "$OUT/kernel-resources-quick.md" >/dev/null
     ;;
 report)

@@ -129,7 +129,7 @@ def topk_launches(case):
     """The launches of topk_probs's forward and backward on a topk case."""
     from mlot_kernels import triton_topk
 
-    logits = torch.randn(case["batch"], case["length"], case["vocab"])
+    logits = topk_cases.make_inputs(dict(case, device="cpu"))[0].detach()
     with recording() as launches:
         probs, indices, row_stats = triton_topk.topk_probs_forward(
             logits, None, case["k"], case["temperature"], case["std_scale"], case["ranking"])

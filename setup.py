@@ -25,9 +25,12 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 # Flags shared with CMakeLists.txt. -march=native: the library is built on the machine that
 # runs it. -fopenmp: at::parallel_for is inline OpenMP in torch's CPU builds (without the
 # flag it runs serially), and it turns on the `#pragma omp simd` loops; the library then
-# needs libgomp.so.1, which torch has already loaded.
+# needs libgomp.so.1, which torch has already loaded. -fno-trapping-math: without it GCC does
+# not if-convert the selects in exp_simd (csrc/vec_math.h), so no exp loop vectorises ("control
+# flow in loop"); the kernels never enable floating-point traps. -fno-math-errno: std::sqrt and
+# std::log in loops need not set errno. Neither changes an IEEE result.
 # -mprefer-vector-width=512 (x86-64 only) lets AVX-512 machines use their full width.
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-std=c++17"]
 if platform.machine() in ("x86_64", "AMD64"):
     CXX_FLAGS.append("-mprefer-vector-width=512")
 

@@ -11,12 +11,25 @@
 //                   (mlot_kernels/sinkhorn.py); detach_plan only matters there.
 //   sinkhorn_backward  (grad_x, grad_y) from the saved potentials.
 //
-//   topk_probs      public op, CompositeImplicitAutograd over topk_probs_forward:
-//                   (probs, indices).
-//   topk_probs_forward   (probs [B, L, k], indices, row_stats [B, L, 6]): the
-//                   per-row statistics (max, log-sum, std scale, mean, std,
-//                   E_q[z]) are what the backward needs besides the logits.
-//   topk_probs_backward  grad_logits from the saved statistics, in one pass.
+//   topk_probs      public op, CompositeImplicitAutograd over topk_probs_forward
+//                   with every row and one temperature: (probs, indices).
+//   topk_probs_forward   the fused truncation the losses use: the answer rows
+//                   `rows` of the logits at each of `temperatures`, and the
+//                   cross-entropy of the rows that have `targets`, reading no
+//                   other row: (probs [n_t, B, A, k], indices, ce [B, L],
+//                   row_stats [B, L, 5 + 2 n_t]). Autograd is registered in
+//                   Python (mlot_kernels/topk_probs.py).
+//   topk_probs_stats   its first steps alone (row_stats, ranking mass, ce),
+//                   for callers that make the logits in chunks (the hidden path).
+//   topk_probs_backward  grad_logits [B, L, V] from the saved statistics, one
+//                   pass per row read; the other rows get 0.
+//
+//   uld_forward     ULD's sorted L1 distance between paired rows of two models'
+//                   logits and the student's cross-entropy, reading no other
+//                   row: (distance [B, A], ce [B, L_S], the row statistics and
+//                   the distance's per-column signs of both models). Autograd
+//                   in Python (mlot_kernels/uld_distance.py).
+//   uld_backward    (grad_student [B, L_S, V_S], grad_teacher or an empty tensor).
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -99,24 +112,120 @@ at::Tensor lengths_or_full(const std::optional<at::Tensor>& lengths, int64_t bat
   return l;
 }
 
-void check_topk_probs_args(const at::Tensor& logits, const std::optional<at::Tensor>& lengths,
-                           int64_t k, double temperature, bool std_scale,
-                           c10::string_view ranking) {
+void check_topk_rows_args(const at::Tensor& logits, const std::optional<at::Tensor>& rows,
+                          const std::optional<at::Tensor>& lengths,
+                          const std::optional<at::Tensor>& targets, int64_t k,
+                          c10::ArrayRef<double> temperatures, bool std_scale,
+                          c10::string_view ranking) {
   TORCH_CHECK(logits.dim() == 3, "topk_probs: logits must be a 3-D tensor [B, L, V], got ",
               logits.dim(), "-D with shape ", logits.sizes());
   TORCH_CHECK(logits.size(2) >= 1, "topk_probs: logits must have V >= 1 columns, got shape ",
               logits.sizes());
   check_floating(logits, "topk_probs", "logits");
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 2 && rows->size(0) == logits.size(0),
+                "topk_probs: rows must have shape [B, A] with B = ", logits.size(0), ", got shape ",
+                rows->sizes());
+    TORCH_CHECK(at::isIntegralType(rows->scalar_type(), /*includeBool=*/false),
+                "topk_probs: rows must have an integer dtype, got ", rows->scalar_type());
+    TORCH_CHECK(rows->device() == logits.device(), "topk_probs: rows must be on the same device "
+                "as logits (", logits.device(), "), got ", rows->device());
+  }
   check_lengths_meta(lengths, logits, "topk_probs", "lengths", "logits");
+  if (targets.has_value()) {
+    TORCH_CHECK(targets->dim() == 2 && targets->sizes() == logits.sizes().slice(0, 2),
+                "topk_probs: targets must have shape [B, L] = ", logits.sizes().slice(0, 2),
+                ", got shape ", targets->sizes());
+    TORCH_CHECK(at::isIntegralType(targets->scalar_type(), /*includeBool=*/false),
+                "topk_probs: targets must have an integer dtype, got ", targets->scalar_type());
+    TORCH_CHECK(targets->device() == logits.device(), "topk_probs: targets must be on the same "
+                "device as logits (", logits.device(), "), got ", targets->device());
+  }
   TORCH_CHECK(k >= 1, "topk_probs: k must be >= 1, got ", k);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
-              "topk_probs: temperature must be a finite number > 0, got ", temperature);
+  TORCH_CHECK(!temperatures.empty() && temperatures.size() <= kMaxTemperatures,
+              "topk_probs: temperatures must hold 1 to ", kMaxTemperatures, " temperatures, got ",
+              temperatures.size());
+  for (size_t t = 0; t < temperatures.size(); ++t) {
+    TORCH_CHECK(temperatures[t] > 0 && std::isfinite(temperatures[t]), "topk_probs: ",
+                temperatures.size() == 1 ? std::string("temperature")
+                                         : "temperatures[" + std::to_string(t) + "]",
+                " must be a finite number > 0, got ", temperatures[t]);
+  }
   TORCH_CHECK(!std_scale || logits.size(2) >= 2,
               "topk_probs: std_scale needs V >= 2 columns (the unbiased std of one value is "
               "undefined), got logits of shape ",
               logits.sizes());
   TORCH_CHECK(ranking == "token" || ranking == "sequence" || ranking == "batch",
               "topk_probs: ranking must be 'token', 'sequence' or 'batch', got '", ranking, "'");
+}
+
+void check_uld_args(const at::Tensor& student_logits, const at::Tensor& student_rows,
+                    const std::optional<at::Tensor>& student_targets,
+                    const at::Tensor& teacher_logits, const at::Tensor& teacher_rows,
+                    const at::Tensor& lengths, double temperature) {
+  const char* op = "uld_distance";
+  for (const auto& [z, name] : {std::pair{&student_logits, "student_logits"},
+                                std::pair{&teacher_logits, "teacher_logits"}}) {
+    TORCH_CHECK(z->dim() == 3 && z->size(2) >= 1, op, ": ", name,
+                " must be a 3-D tensor [B, L, V] with V >= 1, got shape ", z->sizes());
+    check_floating(*z, op, name);
+  }
+  TORCH_CHECK(teacher_logits.size(0) == student_logits.size(0), op, ": student_logits and "
+              "teacher_logits must have the same batch size, got ", student_logits.sizes(),
+              " and ", teacher_logits.sizes());
+  TORCH_CHECK(teacher_logits.device() == student_logits.device(), op, ": teacher_logits must be "
+              "on the device of student_logits (", student_logits.device(), "), got ",
+              teacher_logits.device());
+  const int64_t B = student_logits.size(0);
+  for (const auto& [rows, name] : {std::pair{&student_rows, "student_rows"},
+                                   std::pair{&teacher_rows, "teacher_rows"}}) {
+    TORCH_CHECK(rows->dim() == 2 && rows->size(0) == B && rows->size(1) == student_rows.size(1),
+                op, ": ", name, " must have shape [B, A] = [", B, ", ", student_rows.size(1),
+                "], got shape ", rows->sizes());
+    TORCH_CHECK(at::isIntegralType(rows->scalar_type(), /*includeBool=*/false), op, ": ", name,
+                " must have an integer dtype, got ", rows->scalar_type());
+    TORCH_CHECK(rows->device() == student_logits.device(), op, ": ", name, " must be on the "
+                "device of student_logits (", student_logits.device(), "), got ", rows->device());
+  }
+  check_lengths_meta(lengths, student_logits, op, "lengths", "student_logits");
+  if (student_targets.has_value()) {
+    TORCH_CHECK(student_targets->sizes() == student_logits.sizes().slice(0, 2), op,
+                ": student_targets must have shape [B, L] = ", student_logits.sizes().slice(0, 2),
+                ", got shape ", student_targets->sizes());
+    TORCH_CHECK(at::isIntegralType(student_targets->scalar_type(), /*includeBool=*/false), op,
+                ": student_targets must have an integer dtype, got ",
+                student_targets->scalar_type());
+    TORCH_CHECK(student_targets->device() == student_logits.device(), op, ": student_targets "
+                "must be on the device of student_logits (", student_logits.device(), "), got ",
+                student_targets->device());
+  }
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op,
+              ": temperature must be a finite number > 0, got ", temperature);
+}
+
+void check_topk_backward_args(const std::optional<at::Tensor>& grad_probs,
+                              const std::optional<at::Tensor>& grad_ce, const at::Tensor& logits,
+                              const std::optional<at::Tensor>& rows,
+                              const std::optional<at::Tensor>& targets, const at::Tensor& probs,
+                              const at::Tensor& indices, const at::Tensor& row_stats,
+                              c10::ArrayRef<double> temperatures) {
+  const int64_t B = logits.size(0), L = logits.size(1);
+  const int64_t A = rows.has_value() ? rows->size(1) : L;
+  const auto dtype = compute_dtype(logits);
+  const int64_t n_t = int64_t(temperatures.size());
+  TORCH_CHECK(probs.dim() == 4 && probs.size(0) == n_t && probs.size(1) == B &&
+                  probs.size(2) == A && probs.scalar_type() == dtype &&
+                  row_stats.sizes() == at::IntArrayRef({B, L, topk_stats_size(n_t)}) &&
+                  row_stats.scalar_type() == dtype && indices.scalar_type() == at::kLong,
+              "topk_probs_backward: probs, indices and row_stats must be those topk_probs_forward "
+              "gives for these logits, rows and temperatures");
+  TORCH_CHECK(!grad_probs.has_value() || grad_probs->sizes() == probs.sizes(),
+              "topk_probs_backward: grad_probs must have the shape of probs ", probs.sizes(),
+              ", got ", grad_probs->sizes());
+  TORCH_CHECK(!grad_ce.has_value() || (targets.has_value() &&
+                                       grad_ce->sizes() == logits.sizes().slice(0, 2)),
+              "topk_probs_backward: grad_ce needs targets and must have shape [B, L] = ",
+              logits.sizes().slice(0, 2));
 }
 
 namespace {
@@ -138,12 +247,15 @@ std::tuple<at::Tensor, at::Tensor> topk_probs(const at::Tensor& logits,
                                               const std::optional<at::Tensor>& lengths,
                                               int64_t k, double temperature, bool std_scale,
                                               c10::string_view ranking) {
-  check_topk_probs_args(logits, lengths, k, temperature, std_scale, ranking);
+  const double temperatures[] = {temperature};
+  check_topk_rows_args(logits, std::nullopt, lengths, std::nullopt, k, temperatures, std_scale,
+                       ranking);
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("mlot::topk_probs_forward", "")
                             .typed<decltype(topk_probs_forward_cpu)>();
-  auto out = forward.call(logits, lengths, k, temperature, std_scale, ranking);
-  return {std::get<0>(out), std::get<1>(out)};
+  auto out = forward.call(logits, std::nullopt, lengths, std::nullopt, k, temperatures, std_scale,
+                          ranking);
+  return {std::get<0>(out).select(0, 0), std::get<1>(out).select(0, 0)};
 }
 
 }  // namespace
@@ -165,12 +277,24 @@ TORCH_LIBRARY(mlot, m) {
       "topk_probs(Tensor logits, Tensor? lengths=None, int k=50, float temperature=1.0, "
       "bool std_scale=False, str ranking=\"sequence\") -> (Tensor, Tensor)");
   m.def(
-      "topk_probs_forward(Tensor logits, Tensor? lengths, int k, float temperature, "
-      "bool std_scale, str ranking) -> (Tensor, Tensor, Tensor)");
+      "topk_probs_stats(Tensor logits, Tensor? rows, Tensor? lengths, Tensor? targets, "
+      "float[] temperatures, bool std_scale, str ranking) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "topk_probs_backward(Tensor grad_probs, Tensor logits, Tensor? lengths, Tensor probs, "
-      "Tensor indices, Tensor row_stats, float temperature, bool std_scale, str ranking) "
-      "-> Tensor");
+      "topk_probs_forward(Tensor logits, Tensor? rows, Tensor? lengths, Tensor? targets, int k, "
+      "float[] temperatures, bool std_scale, str ranking) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "topk_probs_backward(Tensor? grad_probs, Tensor? grad_ce, Tensor logits, Tensor? rows, "
+      "Tensor? lengths, Tensor? targets, Tensor probs, Tensor indices, Tensor row_stats, "
+      "float[] temperatures, bool std_scale, str ranking) -> Tensor");
+  m.def(
+      "uld_forward(Tensor student_logits, Tensor student_rows, Tensor? student_targets, "
+      "Tensor teacher_logits, Tensor teacher_rows, Tensor lengths, float temperature, "
+      "bool teacher_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "uld_backward(Tensor? grad_distance, Tensor? grad_ce, Tensor student_logits, "
+      "Tensor student_rows, Tensor? student_targets, Tensor teacher_logits, Tensor teacher_rows, "
+      "Tensor lengths, Tensor student_stats, Tensor student_sign, Tensor teacher_stats, "
+      "Tensor teacher_sign, float temperature, bool teacher_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mlot, CompositeImplicitAutograd, m) {

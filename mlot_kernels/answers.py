@@ -74,6 +74,23 @@ def pad_rows(rows, length):
     return torch.nn.functional.pad(rows, (0, 0, 0, length - rows.shape[1]))
 
 
+def ce_targets(labels):
+    """[B, T]: the label each logit row predicts, ``labels[:, i + 1]`` (-100 for the last row):
+    the ``targets`` of :func:`mlot_kernels.topk_probs.answer_topk_probs`."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def token_mean(ce_rows, targets):
+    """The token-mean cross-entropy from per-row losses ``ce_rows`` [B, T] and their ``targets``
+    (Hugging Face's mean over the labels that are not -100; 0 when there are none)."""
+    return ce_rows.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def batch_mean(values):
+    """The mean of ``values`` [B] over the batch; 0 (with a gradient of 0) for B = 0."""
+    return values.sum() / max(values.shape[0], 1)
+
+
 def causal_lm_cross_entropy(logits, labels):
     """The token-mean cross-entropy of logits[:, i] against labels[:, i + 1] over the labels that
     are not -100, in at least float32, as Hugging Face computes it; 0 when there are none."""

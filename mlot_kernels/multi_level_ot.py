@@ -30,15 +30,16 @@ smaller than ``k`` gives a large finite SL rather than infinity.
 """
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from mlot_kernels import reference
-from mlot_kernels.answers import (SPAN_RULES, answer_positions, answer_rows, causal_lm_cross_entropy,
-                                  check_pair, pad_rows)
+from mlot_kernels.answers import (SPAN_RULES, answer_positions, batch_mean, ce_targets, check_pair,
+                                  pad_rows, token_mean)
 from mlot_kernels.sinkhorn import sinkhorn_loss
-from mlot_kernels.topk_probs import topk_probs
+from mlot_kernels.topk_probs import answer_topk_probs
+from mlot_kernels.uld_distance import uld_distance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +88,25 @@ PRESETS = {
                         alpha=1.5),
 }
 
-KERNELS = {  # the ops the loss runs on: the fused ones, or the plain PyTorch references
-    "fused": (topk_probs, sinkhorn_loss),
-    "reference": (reference.topk_probs, reference.sinkhorn_loss),
+class Kernels(NamedTuple):
+    """The ops a loss runs on."""
+
+    answer_topk_probs: Callable  # (logits, rows, lengths, targets, k, temperatures, std_scale,
+    #                              ranking) -> (probs, indices, ce)
+    sinkhorn_loss: Callable
+    uld_distance: Callable       # (student_logits, student_rows, student_targets,
+    #                              teacher_logits, teacher_rows, lengths, temperature) -> (distance, ce)
+
+
+KERNELS = {  # the fused ops, or the plain PyTorch references
+    "fused": Kernels(answer_topk_probs, sinkhorn_loss, uld_distance),
+    "reference": Kernels(reference.answer_topk_probs, reference.sinkhorn_loss,
+                         reference.uld_distance),
 }
 
 
 def kernel_ops(kernels, caller):
-    """(topk_probs, sinkhorn_loss) of ``kernels``, or a ValueError naming ``caller``."""
+    """The :class:`Kernels` named ``kernels``, or a ValueError naming ``caller``."""
     if kernels not in KERNELS:
         raise ValueError(f"{caller}: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
     return KERNELS[kernels]
@@ -122,32 +134,27 @@ class Truncated(NamedTuple):
     indices: torch.Tensor             # the columns kept: [k], [B, k] or [B, A, k] by ranking
 
 
-def truncate_answers(logits, labels, opts, truncate, names, drop_last=False):
-    """The answer rows of one model (left-aligned), truncated by ``opts``: a :class:`Truncated`."""
+def temperatures(opts):
+    """The softmax temperatures the truncation takes: ``temperature``, and ``sd_temperature``
+    when SD takes its own top-k of the vocabulary."""
+    if opts.sd and opts.sd_softmax == "vocabulary":
+        return (opts.temperature, opts.sd_temperature)
+    return (opts.temperature,)
+
+
+def truncate_answers(logits, labels, opts, kernels, names, drop_last=False, with_ce=False):
+    """One model's answer rows (left-aligned) truncated by ``opts`` and, ``with_ce``, its
+    token-mean cross-entropy on ``labels``, in one op that reads no other row of the logits:
+    (:class:`Truncated`, ce or None)."""
     check_pair(logits, labels, *names)
     positions, lengths = answer_positions(labels, opts.answer_span, drop_last=drop_last)
-    rows = answer_rows(logits, positions)
-    probs, indices = truncate(rows, lengths, opts.k, opts.temperature, opts.std_scale, opts.ranking)
-    sd_probs = None
-    if opts.sd and opts.sd_softmax == "vocabulary":
-        sd_probs = truncate(rows, lengths, opts.k, opts.sd_temperature, opts.std_scale,
-                            opts.ranking)[0]
-    return Truncated(probs, sd_probs, lengths, indices)
-
-
-def answer_batch(student_logits, teacher_logits, student_labels, teacher_labels, answer_span,
-                 skip_student_eos):
-    """The answer rows of both models, zero-padded to one length L (the longest answer of
-    either), and their lengths: (student [B, L, V_S], teacher [B, L, V_T], n_S, n_T)."""
-    check_pair(student_logits, student_labels, "student_logits", "student_labels")
-    check_pair(teacher_logits, teacher_labels, "teacher_logits", "teacher_labels")
-    check_batch_sizes(student_logits, teacher_logits)
-    s_pos, s_len = answer_positions(student_labels, answer_span, drop_last=skip_student_eos)
-    t_pos, t_len = answer_positions(teacher_labels, answer_span)
-    length = max(s_pos.shape[1], t_pos.shape[1])
-    student = pad_rows(answer_rows(student_logits, s_pos), length)
-    teacher = pad_rows(answer_rows(teacher_logits, t_pos), length)
-    return student, teacher, s_len, t_len
+    targets = ce_targets(labels) if with_ce else None
+    temps = temperatures(opts)
+    probs, indices, ce = kernels.answer_topk_probs(logits, positions, lengths, targets, opts.k,
+                                                   temps, opts.std_scale, opts.ranking)
+    sd_probs = probs[1] if len(temps) == 2 else None
+    truncated = Truncated(probs[0], sd_probs, lengths, indices[0])
+    return truncated, token_mean(ce, targets) if with_ce else None
 
 
 def check_batch_sizes(student, teacher, names=("student_logits", "teacher_logits")):
@@ -173,12 +180,12 @@ def distill_terms(student, teacher, opts, transport):
     out = {}
     distill = s_k.new_zeros(())
     if opts.had:
-        out["had"] = aligned_mean((t_k - s_k).abs().sum(-1), n).mean()
+        out["had"] = batch_mean(aligned_mean((t_k - s_k).abs().sum(-1), n))
         distill = distill + out["had"]
     if opts.sl:
         if opts.sl_form == "paper":
             log_s = s_k.clamp(min=torch.finfo(s_k.dtype).tiny).log()
-            out["sl"] = aligned_mean(-(t_k * log_s).sum(-1), n).mean()
+            out["sl"] = batch_mean(aligned_mean(-(t_k * log_s).sum(-1), n))
         else:
             rows = (torch.softmax(s_k, -1) * torch.log_softmax(t_k, -1)).sum(-1)
             out["sl"] = -rows.sum() / max(rows.numel(), 1)
@@ -192,7 +199,7 @@ def distill_terms(student, teacher, opts, transport):
         lengths = (None, None) if opts.sd_padded_rows else (teacher.lengths, student.lengths)
         per_sequence = transport(x, y, *lengths, opts.epsilon, opts.n_iters, sd_temperature, 1,
                                  opts.unit_marginals, opts.detach_plan)
-        reduced = per_sequence.mean() if opts.sd_reduction == "mean" else per_sequence.sum()
+        reduced = batch_mean(per_sequence) if opts.sd_reduction == "mean" else per_sequence.sum()
         out["sd"] = opts.sd_scale * reduced
         distill = distill + opts.gamma * out["sd"]
     out["distill"] = opts.alpha * distill
@@ -234,20 +241,21 @@ class MultiLevelOTLoss(torch.nn.Module):
     def __init__(self, preset="paper", kernels="fused", **overrides):
         super().__init__()
         self.options = resolve_options(preset, **overrides)
-        self.truncate, self.transport = kernel_ops(kernels, "MultiLevelOTLoss")
+        self.ops = kernel_ops(kernels, "MultiLevelOTLoss")
         self.kernels = kernels
 
     def teacher_targets(self, teacher_logits, teacher_labels):
         """The teacher's :class:`Truncated` answers."""
-        return truncate_answers(teacher_logits, teacher_labels, self.options, self.truncate,
-                                TEACHER_NAMES)
+        return truncate_answers(teacher_logits, teacher_labels, self.options, self.ops,
+                                TEACHER_NAMES)[0]
 
     def from_targets(self, student_logits, student_labels, targets):
         """The loss dict from the student's logits and labels and the teacher's targets."""
-        student = truncate_answers(student_logits, student_labels, self.options, self.truncate,
-                                   STUDENT_NAMES, drop_last=self.options.skip_student_eos)
-        out = dict(ce=causal_lm_cross_entropy(student_logits, student_labels))
-        out.update(distill_terms(student, targets, self.options, self.transport))
+        student, ce = truncate_answers(student_logits, student_labels, self.options, self.ops,
+                                       STUDENT_NAMES, drop_last=self.options.skip_student_eos,
+                                       with_ce=True)
+        out = dict(ce=ce)
+        out.update(distill_terms(student, targets, self.options, self.ops.sinkhorn_loss))
         out["loss"] = out["ce"] + out["distill"]
         return out
 

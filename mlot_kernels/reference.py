@@ -104,3 +104,56 @@ def topk_probs(logits, lengths=None, k=50, temperature=1.0, std_scale=False, ran
     else:
         raise ValueError(f"topk_probs: ranking must be 'token', 'sequence' or 'batch', got {ranking!r}")
     return out, order.masked_fill(order >= vocab, -1)
+
+
+def answer_topk_probs(logits, rows, lengths=None, targets=None, k=50, temperatures=(1.0,),
+                      std_scale=False, ranking="sequence"):
+    """Reference of ``torch.ops.mlot.topk_probs_forward`` (:func:`mlot_kernels.topk_probs.
+    answer_topk_probs`): the answer rows gathered, :func:`topk_probs` at each temperature, and
+    the cross-entropy of every row that has a target. Returns (probs [n_t, B, A, k], indices
+    [n_t, ...], ce [B, L])."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    batch, length, _ = logits.shape
+    if rows is None:
+        rows = torch.arange(length, device=logits.device).expand(batch, length)
+    answers = logits[torch.arange(batch, device=logits.device)[:, None], rows]
+    if lengths is not None:  # rows past the lengths may hold anything: never read
+        valid = torch.arange(rows.shape[1], device=logits.device)[None, :] < lengths[:, None]
+        answers = torch.where(valid[..., None], answers, torch.zeros((), dtype=logits.dtype,
+                                                                     device=logits.device))
+    out = [topk_probs(answers, lengths, k, t, std_scale, ranking) for t in temperatures]
+    ce = row_cross_entropy(logits, targets, dtype)
+    return torch.stack([p for p, _ in out]), torch.stack([i for _, i in out]), ce
+
+
+def row_cross_entropy(logits, targets, dtype):
+    """[B, L]: -log softmax(logits[b, l])[targets[b, l]] where the target is not -100, else 0."""
+    ce = logits.new_zeros(logits.shape[:2], dtype=dtype)
+    if targets is None:
+        return ce
+    log_p = torch.log_softmax(logits.to(dtype), dim=-1)
+    picked = log_p.gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    return torch.where(targets != -100, -picked, ce)
+
+
+def uld_distance(student_logits, student_rows, student_targets, teacher_logits, teacher_rows,
+                 lengths, temperature=1.0):
+    """Reference of ``torch.ops.mlot.uld_forward`` (:func:`mlot_kernels.uld_distance.
+    uld_distance`): for each pair i < lengths[b], the sum of |differences| of the two rows'
+    probability vectors at ``temperature``, each sorted descending and zero-padded to the larger
+    vocabulary; and the student's cross-entropy per row. Returns (distance [B, A], ce [B, L_S])."""
+    float64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
+    dtype = torch.float64 if float64 else torch.float32
+    vocab = max(student_logits.shape[-1], teacher_logits.shape[-1])
+
+    def sorted_probs(row):
+        p = torch.softmax(row.to(dtype) / temperature, -1).sort(descending=True).values
+        return torch.nn.functional.pad(p, (0, vocab - p.shape[-1]))
+
+    batch, answers = student_rows.shape
+    zero = student_logits.new_zeros((), dtype=dtype)  # past the lengths: never read
+    rows = [(sorted_probs(student_logits[b, student_rows[b, i]]) -
+             sorted_probs(teacher_logits[b, teacher_rows[b, i]])).abs().sum()
+            if i < int(lengths[b]) else zero for b in range(batch) for i in range(answers)]
+    distance = torch.stack(rows).reshape(batch, answers) if rows else zero.expand(batch, answers)
+    return distance, row_cross_entropy(student_logits, student_targets, dtype)

@@ -1,13 +1,16 @@
-"""torch.ops.mlot.topk_probs (CPU): values, indices and gradients against the float64
-reference, gradcheck, opcheck, torch.compile, numerics at the edges, and argument errors."""
+"""torch.ops.mlot.topk_probs and the fused truncation of the losses, topk_probs_forward with
+answer rows, cross-entropy targets and two temperatures (CPU): values, indices and gradients
+against the float64 reference, gradcheck, opcheck, torch.compile, rows never read, numerics at
+the edges, and argument errors."""
 
 import pytest
 import torch
 
 import mlot_kernels
 from mlot_kernels import reference
-from tests.conftest import (assert_close_rel, check_half_logits, check_topk_probs, make_lengths,
-                            make_logits, probs_indices_grad)
+from mlot_kernels.topk_probs import answer_topk_probs
+from tests.conftest import (assert_close_rel, check_half_logits, check_topk_probs,
+                            defined_indices, make_lengths, make_logits, probs_indices_grad)
 
 OPS = torch.ops.mlot
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
@@ -60,16 +63,23 @@ def test_gradcheck(gen, ranking, std_scale):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("ranking", RANKINGS)
 def test_opcheck(gen, ranking, dtype):
-    """opcheck (schema, autograd registration, fake kernel, AOT dispatch) on the three ops."""
-    logits = make_logits(gen, (3, 5, 11), dtype).requires_grad_()
-    lengths = torch.tensor([5, 0, 3])
-    args = (lengths, 4, 1.0, True, ranking)
-    torch.library.opcheck(OPS.topk_probs.default, (logits, *args))
+    """opcheck (schema, autograd registration, fake kernel, AOT dispatch) on the four ops, with
+    answer rows, targets and two temperatures."""
+    logits, rows, lengths, targets = answer_problem(gen, 3, 7, 11, 4, dtype)
+    logits.requires_grad_()
+    torch.library.opcheck(OPS.topk_probs.default, (logits, torch.tensor([7, 0, 3]), 4, 1.0, True,
+                                                   ranking))
+    temps = [1.0, 2.0]
+    args = (rows, lengths, targets, 4, temps, True, ranking)
     torch.library.opcheck(OPS.topk_probs_forward.default, (logits, *args))
-    probs, indices, stats = OPS.topk_probs_forward(logits.detach(), *args)
-    grad = torch.rand(probs.shape, generator=gen, dtype=probs.dtype)
+    torch.library.opcheck(OPS.topk_probs_stats.default, (logits.detach(), rows, lengths, targets,
+                                                         temps, True, ranking))
+    probs, indices, ce, stats = OPS.topk_probs_forward(logits.detach(), *args)
+    grad_probs = torch.rand(probs.shape, generator=gen, dtype=probs.dtype)
+    grad_ce = torch.rand(ce.shape, generator=gen, dtype=ce.dtype)
     torch.library.opcheck(OPS.topk_probs_backward.default,
-                          (grad, logits.detach(), lengths, probs, indices, stats, 1.0, True, ranking))
+                          (grad_probs, grad_ce, logits.detach(), rows, lengths, targets, probs,
+                           indices, stats, temps, True, ranking))
 
 
 @pytest.mark.parametrize("ranking", RANKINGS)
@@ -215,4 +225,197 @@ def test_bad_arguments_name_the_argument(overrides, message):
     args = dict(logits=torch.rand(2, 3, 4), lengths=None) | overrides
     with pytest.raises(RuntimeError, match=message) as error:
         mlot_kernels.topk_probs(**args)
+    assert str(error.value).startswith("topk_probs: ")
+
+
+# ------------------------------------------------------------------ answer rows, targets, temperatures
+
+def answer_problem(gen, B, L, V, A, dtype=torch.float64):
+    """Logits [B, L, V], A distinct answer rows per sequence (in random order), lengths with a 0,
+    and cross-entropy targets with -100 holes."""
+    logits = make_logits(gen, (B, L, V), dtype)
+    rows = torch.stack([torch.randperm(L, generator=gen)[:A] for _ in range(B)])
+    lengths = torch.randint(0, A + 1, (B,), generator=gen)
+    lengths[0], lengths[-1] = A, 0
+    targets = torch.randint(0, V, (B, L), generator=gen)
+    targets[torch.rand(B, L, generator=gen) < 0.4] = -100
+    return logits, rows, lengths, targets
+
+
+def answer_values_and_grad(fn, logits, weights, weights_ce, *args, **kwargs):
+    """fn's (probs, indices, ce) and the gradient of sum(w probs) + sum(w_ce ce)."""
+    logits = logits.detach().requires_grad_()
+    probs, indices, ce = fn(logits, *args, **kwargs)
+    objective = (probs * weights.to(probs.dtype)).sum() + (ce * weights_ce.to(ce.dtype)).sum()
+    (grad,) = torch.autograd.grad(objective, logits)
+    return probs.detach(), indices, ce.detach(), grad
+
+
+def check_answer_topk_probs(gen, fn, logits, rows, lengths, targets, rtol, k, temperatures,
+                            std_scale, ranking):
+    """fn equals the float64 reference: probs, indices where defined, ce and the gradient."""
+    B, L, _ = logits.shape
+    A = L if rows is None else rows.shape[1]
+    weights = torch.rand(len(temperatures), B, A, k, generator=gen, dtype=torch.float64) + 0.5
+    weights_ce = torch.rand(B, L, generator=gen, dtype=torch.float64) + 0.5
+    args = (rows, lengths, targets, k, temperatures, std_scale, ranking)
+    probs, indices, ce, grad = answer_values_and_grad(fn, logits, weights, weights_ce, *args)
+    e_probs, e_indices, e_ce, e_grad = answer_values_and_grad(reference.answer_topk_probs,
+                                                              logits.double(), weights,
+                                                              weights_ce, *args)
+    assert probs.shape == e_probs.shape and indices.shape == e_indices.shape
+    assert grad.dtype == logits.dtype and ce.dtype == probs.dtype
+    for t in range(len(temperatures)):
+        assert torch.equal(defined_indices(indices[t], lengths, ranking),
+                           defined_indices(e_indices[t], lengths, ranking))
+    assert_close_rel(probs, e_probs, rtol)
+    assert_close_rel(ce, e_ce, rtol)
+    assert_close_rel(grad, e_grad, rtol)
+    return probs, ce, grad
+
+
+ANSWER_CASES = [  # (B, L, V, A, k, temperatures, std_scale)
+    (3, 9, 40, 5, 4, (1.0, 2.0), False),
+    (3, 9, 40, 5, 4, (1.0, 2.0), True),
+    (2, 6, 1100, 4, 50, (2.0,), True),   # V over two column blocks, one temperature
+    (2, 7, 6, 3, 8, (0.5, 1.0), False),  # V < k
+]
+ANSWER_IDS = ["B{}-L{}-V{}-A{}-k{}-T{}-std{}".format(*c) for c in ANSWER_CASES]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("ranking", RANKINGS)
+@pytest.mark.parametrize("case", ANSWER_CASES, ids=ANSWER_IDS)
+def test_answer_rows_match_float64_reference(gen, case, ranking, dtype):
+    """The answer rows at each temperature and every target row's cross-entropy, and the
+    gradient through both, equal a float64 evaluation (rows gathered, softmax, sort, gather)."""
+    B, L, V, A, k, temperatures, std_scale = case
+    logits, rows, lengths, targets = answer_problem(gen, B, L, V, A, dtype)
+    check_answer_topk_probs(gen, answer_topk_probs, logits, rows, lengths, targets, TOL[dtype], k,
+                            temperatures, std_scale, ranking)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_answer_rows_half_logits(gen, dtype):
+    """16-bit logits give the float32 result of the same values; the gradient in their dtype."""
+    logits, rows, lengths, targets = answer_problem(gen, 3, 8, 300, 5, dtype)
+    weights = torch.rand(2, 3, 5, 10, generator=gen) + 0.5
+    weights_ce = torch.rand(3, 8, generator=gen) + 0.5
+    args = (rows, lengths, targets, 10, (1.0, 2.0), True, "sequence")
+    half = answer_values_and_grad(answer_topk_probs, logits, weights, weights_ce, *args)
+    full = answer_values_and_grad(answer_topk_probs, logits.float(), weights, weights_ce, *args)
+    assert half[3].dtype == dtype
+    assert torch.equal(half[1], full[1])
+    for a, e in ((half[0], full[0]), (half[2], full[2])):  # probs, ce
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(half[3], full[3].to(dtype))
+
+
+@pytest.mark.parametrize("std_scale", [False, True], ids=["plain", "std"])
+@pytest.mark.parametrize("ranking", RANKINGS)
+def test_answer_rows_gradcheck(gen, ranking, std_scale):
+    """The gradient through probs at two temperatures and the cross-entropy, in float64."""
+    logits, rows, lengths, targets = answer_problem(gen, 3, 6, 7, 3)
+    weights = torch.rand(3, 6, generator=gen, dtype=torch.float64)
+
+    def fn(z):
+        probs, _, ce = answer_topk_probs(z, rows, lengths, targets, 5, (1.5, 0.7), std_scale, ranking)
+        return probs, ce * weights
+
+    assert torch.autograd.gradcheck(fn, (logits.requires_grad_(),))
+
+
+@pytest.mark.parametrize("ranking", RANKINGS)
+def test_answer_rows_compile_matches_eager(gen, ranking):
+    """Under torch.compile(fullgraph=True) the fused truncation gives the eager results."""
+    logits, rows, lengths, targets = answer_problem(gen, 2, 8, 90, 4, torch.float32)
+    weights = torch.rand(2, 2, 4, 10, generator=gen)
+    weights_ce = torch.rand(2, 8, generator=gen)
+
+    def fn(z, rows, lengths, targets):
+        probs, indices, ce = answer_topk_probs(z, rows, lengths, targets, 10, (1.0, 2.0), False,
+                                               ranking)
+        return probs * 2, indices, ce
+
+    args = (weights, weights_ce, rows, lengths, targets)
+    eager = answer_values_and_grad(fn, logits, *args)
+    compiled = answer_values_and_grad(torch.compile(fn, fullgraph=True), logits, *args)
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("ranking", RANKINGS)
+def test_rows_not_read(gen, ranking):
+    """Rows that are neither answer rows nor target rows are never read: NaN there changes
+    nothing, and their gradient is exactly 0; a strided view is read in place."""
+    logits, rows, lengths, targets = answer_problem(gen, 3, 9, 30, 4, torch.float32)
+    weights = torch.rand(2, 3, 4, 6, generator=gen)
+    weights_ce = torch.rand(3, 9, generator=gen)
+    args = (weights, weights_ce, rows, lengths, targets, 6, (1.0, 2.0), True, ranking)
+    clean = answer_values_and_grad(answer_topk_probs, logits, *args)
+    read = torch.zeros(3, 9, dtype=torch.bool)
+    read[targets != -100] = True
+    for b in range(3):
+        read[b, rows[b, :lengths[b]]] = True
+    dirty = logits.clone()
+    dirty[~read] = float("nan")
+    for a, e in zip(answer_values_and_grad(answer_topk_probs, dirty, *args), clean):
+        assert torch.equal(a, e)
+    assert (clean[3][~read] == 0).all() and (clean[3][read] != 0).any(-1).all()
+    wide = torch.zeros(3, 9, 2, 30).copy_(logits[:, :, None])[:, :, 1]  # strides (540, 60, 1)
+    assert not wide.is_contiguous()
+    for a, e in zip(answer_values_and_grad(answer_topk_probs, wide, *args), clean):
+        assert torch.equal(a, e)
+
+
+def test_cross_entropy_alone_equals_torch(gen):
+    """With no answer rows the op is the cross-entropy of the target rows: torch's."""
+    logits = make_logits(gen, (3, 10, 500), torch.float32)
+    targets = torch.randint(0, 500, (3, 10), generator=gen)
+    targets[:, ::3] = -100
+    rows = torch.zeros(3, 0, dtype=torch.long)
+    _, _, ce = answer_topk_probs(logits, rows, torch.zeros(3, dtype=torch.long), targets, 5)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 500), targets.reshape(-1),
+                                                 reduction="none").reshape(3, 10)
+    torch.testing.assert_close(ce, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_empty_batch(gen):
+    """B = 0: empty results and an empty gradient."""
+    logits = make_logits(gen, (0, 4, 20), torch.float32).requires_grad_()
+    probs, indices, ce = answer_topk_probs(logits, torch.zeros(0, 3, dtype=torch.long),
+                                           torch.zeros(0, dtype=torch.long),
+                                           torch.zeros(0, 4, dtype=torch.long), 5, (1.0, 2.0))
+    assert probs.shape == (2, 0, 3, 5) and ce.shape == (0, 4)
+    (grad,) = torch.autograd.grad(probs.sum() + ce.sum(), logits)
+    assert grad.shape == logits.shape
+
+
+def answer_args(**overrides):
+    args = dict(logits=torch.rand(2, 5, 8), rows=torch.tensor([[1, 3], [0, 2]]),
+                lengths=torch.tensor([2, 1]), targets=torch.full((2, 5), -100), k=3,
+                temperatures=(1.0, 2.0))
+    return args | overrides
+
+
+BAD_ANSWER_ARGS = [
+    ("rows-shape", dict(rows=torch.tensor([1, 2])), r"rows must have shape \[B, A\] with B = 2, got shape \[2\]"),
+    ("rows-dtype", dict(rows=torch.tensor([[1.0], [2.0]])), r"rows must have an integer dtype, got Float"),
+    ("rows-range", dict(rows=torch.tensor([[1, 5], [0, 2]])), r"rows must lie in \[0, L\) = \[0, 5\), got rows\[0, 1\] = 5"),
+    ("rows-duplicate", dict(rows=torch.tensor([[1, 1], [0, 2]])),
+     r"the answer rows of a sequence must be distinct, got rows\[0, 0\] = rows\[0, 1\] = 1"),
+    ("lengths-high", dict(lengths=torch.tensor([3, 1])), r"lengths must lie in \[0, A\] = \[0, 2\], got lengths\[0\] = 3"),
+    ("targets-shape", dict(targets=torch.zeros(2, 4, dtype=torch.long)), r"targets must have shape \[B, L\] = \[2, 5\], got shape \[2, 4\]"),
+    ("targets-range", dict(targets=torch.full((2, 5), 8)), r"targets must be -100 or lie in \[0, V\) = \[0, 8\), got targets\[0, 0\] = 8"),
+    ("temperatures-none", dict(temperatures=()), r"temperatures must hold 1 to 2 temperatures, got 0"),
+    ("temperatures-three", dict(temperatures=(1.0, 2.0, 3.0)), r"temperatures must hold 1 to 2 temperatures, got 3"),
+    ("temperature-zero", dict(temperatures=(1.0, 0.0)), r"temperatures\[1\] must be a finite number > 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", [b[1:] for b in BAD_ANSWER_ARGS], ids=[b[0] for b in BAD_ANSWER_ARGS])
+def test_bad_answer_arguments_name_the_argument(overrides, message):
+    """Bad rows, lengths, targets or temperatures raise an error naming them."""
+    with pytest.raises(RuntimeError, match=message) as error:
+        answer_topk_probs(**answer_args(**overrides))
     assert str(error.value).startswith("topk_probs: ")

@@ -30,16 +30,16 @@ smaller than ``k`` gives a large finite SL rather than infinity.
 """
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+import math
+import numbers
+from typing import NamedTuple, Optional
 
 import torch
 
-from mlot_kernels import reference
-from mlot_kernels.answers import (SPAN_RULES, answer_positions, batch_mean, ce_targets, check_pair,
-                                  pad_rows, token_mean)
-from mlot_kernels.sinkhorn import sinkhorn_loss
-from mlot_kernels.topk_probs import answer_topk_probs
-from mlot_kernels.uld_distance import uld_distance
+from mlot_kernels import outputs
+from mlot_kernels.answers import (SPAN_RULES, answer_positions, batch_mean, ce_targets, pad_rows,
+                                  token_mean)
+from mlot_kernels.outputs import Hidden, kernel_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,16 @@ class Options:
     gamma: float = 0.1
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, checked_option(field.name, getattr(self, field.name),
+                                                                field.type))
+        for name, low, ok in (("k", ">= 1", self.k >= 1), ("n_iters", ">= 0", self.n_iters >= 0),
+                              ("temperature", "> 0", self.temperature > 0),
+                              ("sd_temperature", "> 0", self.sd_temperature > 0),
+                              ("epsilon", "> 0", self.epsilon > 0)):
+            if not ok:
+                raise ValueError(f"multi_level_ot_loss: {name} must be {low}, got "
+                                 f"{getattr(self, name)!r}")
         choices = dict(ranking=("token", "sequence", "batch"), answer_span=SPAN_RULES,
                        sl_form=("paper", "official"), sd_softmax=("vocabulary", "truncated"),
                        sd_reduction=("mean", "sum"))
@@ -80,6 +90,22 @@ class Options:
                                  f"got {getattr(self, name)!r}")
 
 
+def checked_option(name, value, kind, caller="multi_level_ot_loss"):
+    """``value`` as an option of type ``kind`` (int, float, bool or str; an int is a float, a bool
+    is not a number), or a TypeError naming the option, the type and what was given."""
+    if kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        expected = {int: "an int", float: "a finite float", bool: "a bool", str: "a str"}[kind]
+        raise TypeError(f"{caller}: {name} must be {expected}, got {value!r} "
+                        f"({type(value).__name__})")
+    return kind(value)
+
+
 PRESETS = {
     "paper": Options(),
     "official": Options(std_scale=True, ranking="batch", answer_span="window",
@@ -87,30 +113,6 @@ PRESETS = {
                         sd_padded_rows=True, n_iters=10, sd_scale=0.001, sd_reduction="sum",
                         alpha=1.5),
 }
-
-class Kernels(NamedTuple):
-    """The ops a loss runs on."""
-
-    answer_topk_probs: Callable  # (logits, rows, lengths, targets, k, temperatures, std_scale,
-    #                              ranking) -> (probs, indices, ce)
-    sinkhorn_loss: Callable
-    uld_distance: Callable       # (student_logits, student_rows, student_targets,
-    #                              teacher_logits, teacher_rows, lengths, temperature) -> (distance, ce)
-
-
-KERNELS = {  # the fused ops, or the plain PyTorch references
-    "fused": Kernels(answer_topk_probs, sinkhorn_loss, uld_distance),
-    "reference": Kernels(reference.answer_topk_probs, reference.sinkhorn_loss,
-                         reference.uld_distance),
-}
-
-
-def kernel_ops(kernels, caller):
-    """The :class:`Kernels` named ``kernels``, or a ValueError naming ``caller``."""
-    if kernels not in KERNELS:
-        raise ValueError(f"{caller}: kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
-    return KERNELS[kernels]
-
 
 def resolve_options(preset="paper", **overrides):
     """The preset's Options with the overrides applied; clear errors for unknown names."""
@@ -142,23 +144,26 @@ def temperatures(opts):
     return (opts.temperature,)
 
 
-def truncate_answers(logits, labels, opts, kernels, names, drop_last=False, with_ce=False):
+def truncate_answers(source, labels, opts, kernels, model, drop_last=False, with_ce=False):
     """One model's answer rows (left-aligned) truncated by ``opts`` and, ``with_ce``, its
-    token-mean cross-entropy on ``labels``, in one op that reads no other row of the logits:
-    (:class:`Truncated`, ce or None)."""
-    check_pair(logits, labels, *names)
+    token-mean cross-entropy on ``labels``, in one op that reads no other row of its logits
+    (``source``: the logits, or :class:`mlot_kernels.outputs.Hidden`; ``model`` names it in
+    errors): (:class:`Truncated`, ce or None)."""
+    outputs.check(source, labels, model)
     positions, lengths = answer_positions(labels, opts.answer_span, drop_last=drop_last)
     targets = ce_targets(labels) if with_ce else None
     temps = temperatures(opts)
-    probs, indices, ce = kernels.answer_topk_probs(logits, positions, lengths, targets, opts.k,
-                                                   temps, opts.std_scale, opts.ranking)
+    probs, indices, ce = outputs.answer_probs(kernels, source, positions, lengths, targets, opts.k,
+                                              temps, opts.std_scale, opts.ranking)
     sd_probs = probs[1] if len(temps) == 2 else None
     truncated = Truncated(probs[0], sd_probs, lengths, indices[0])
     return truncated, token_mean(ce, targets) if with_ce else None
 
 
 def check_batch_sizes(student, teacher, names=("student_logits", "teacher_logits")):
-    """A ValueError naming both tensors when their first dimensions (batch sizes) differ."""
+    """A ValueError naming both tensors when their first dimensions (batch sizes) differ
+    (either may be :class:`mlot_kernels.outputs.Hidden`)."""
+    student, teacher = (x.states if isinstance(x, Hidden) else x for x in (student, teacher))
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"student and teacher batch sizes differ: {names[0]} "
                          f"{tuple(student.shape)}, {names[1]} {tuple(teacher.shape)}")
@@ -173,7 +178,6 @@ def aligned_mean(values, n):
 def distill_terms(student, teacher, opts, transport):
     """The terms HAD, SL, SD switched on in ``opts`` and ``distill``, from both models'
     :class:`Truncated` answers, each padded with zero rows to the longer of the two."""
-    check_batch_sizes(student.probs, teacher.probs, ("student probs", "teacher targets probs"))
     length = max(student.probs.shape[1], teacher.probs.shape[1])
     s_k, t_k = pad_rows(student.probs, length), pad_rows(teacher.probs, length)
     n = torch.minimum(student.lengths, teacher.lengths)
@@ -206,10 +210,6 @@ def distill_terms(student, teacher, opts, transport):
     return out
 
 
-STUDENT_NAMES = ("student_logits", "student_labels")
-TEACHER_NAMES = ("teacher_logits", "teacher_labels")
-
-
 def multi_level_ot_loss(student_logits, teacher_logits, student_labels, teacher_labels, *,
                         preset="paper", kernels="fused", **overrides):
     """The MultiLevelOT loss of a batch: a dict with ``loss`` (= ce + distill), ``ce``,
@@ -236,6 +236,11 @@ class MultiLevelOTLoss(torch.nn.Module):
     ``loss_fn.from_targets(student_logits, student_labels, loss_fn.teacher_targets(teacher_logits,
     teacher_labels))``: the teacher's side can be computed once and stored (unless the ranking
     is ``batch``, whose column order depends on the whole batch).
+
+    The ``*_hidden`` methods take a model's last hidden state after its final norm [B, T, H],
+    its output embedding ``weight`` [V, H] and ``bias`` [V] (or None) in place of its logits,
+    and give the same results as on the logits ``hidden @ weight.T + bias`` without building
+    them (:mod:`mlot_kernels.linear_topk_probs`); gradients reach hidden, weight and bias.
     """
 
     def __init__(self, preset="paper", kernels="fused", **overrides):
@@ -247,20 +252,42 @@ class MultiLevelOTLoss(torch.nn.Module):
     def teacher_targets(self, teacher_logits, teacher_labels):
         """The teacher's :class:`Truncated` answers."""
         return truncate_answers(teacher_logits, teacher_labels, self.options, self.ops,
-                                TEACHER_NAMES)[0]
+                                "teacher")[0]
+
+    def teacher_targets_from_hidden(self, teacher_hidden, teacher_weight, teacher_labels,
+                                    teacher_bias=None):
+        """The teacher's :class:`Truncated` answers from its hidden states."""
+        return self.teacher_targets(Hidden(teacher_hidden, teacher_weight, teacher_bias),
+                                    teacher_labels)
 
     def from_targets(self, student_logits, student_labels, targets):
         """The loss dict from the student's logits and labels and the teacher's targets."""
         student, ce = truncate_answers(student_logits, student_labels, self.options, self.ops,
-                                       STUDENT_NAMES, drop_last=self.options.skip_student_eos,
+                                       "student", drop_last=self.options.skip_student_eos,
                                        with_ce=True)
+        check_batch_sizes(student.probs, targets.probs, ("student probs", "teacher targets probs"))
         out = dict(ce=ce)
         out.update(distill_terms(student, targets, self.options, self.ops.sinkhorn_loss))
         out["loss"] = out["ce"] + out["distill"]
         return out
 
+    def from_hidden_targets(self, student_hidden, student_weight, student_labels, targets, *,
+                            student_bias=None):
+        """:meth:`from_targets` from the student's hidden states."""
+        return self.from_targets(Hidden(student_hidden, student_weight, student_bias),
+                                 student_labels, targets)
+
+    def from_hidden(self, student_hidden, student_weight, student_labels, teacher_hidden,
+                    teacher_weight, teacher_labels, *, student_bias=None, teacher_bias=None):
+        """The loss dict of :meth:`forward` from both models' hidden states."""
+        return self(Hidden(student_hidden, student_weight, student_bias),
+                    Hidden(teacher_hidden, teacher_weight, teacher_bias), student_labels,
+                    teacher_labels)
+
     def forward(self, student_logits, teacher_logits, student_labels, teacher_labels):
-        check_batch_sizes(student_logits, teacher_logits)
+        check_batch_sizes(student_logits, teacher_logits,
+                          (outputs.names("student", student_logits)[0],
+                           outputs.names("teacher", teacher_logits)[0]))
         return self.from_targets(student_logits, student_labels,
                                  self.teacher_targets(teacher_logits, teacher_labels))
 

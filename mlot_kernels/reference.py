@@ -157,3 +157,22 @@ def uld_distance(student_logits, student_rows, student_targets, teacher_logits, 
             if i < int(lengths[b]) else zero for b in range(batch) for i in range(answers)]
     distance = torch.stack(rows).reshape(batch, answers) if rows else zero.expand(batch, answers)
     return distance, row_cross_entropy(student_logits, student_targets, dtype)
+
+
+def linear_topk_probs(hidden, weight, bias, rows, lengths, targets=None, k=50,
+                      temperatures=(1.0,), std_scale=False, ranking="sequence"):
+    """Reference of ``torch.ops.mlot.linear_topk_probs``: :func:`answer_topk_probs` of the
+    logits ``hidden @ weight.T + bias``, built."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return answer_topk_probs(logits, rows, lengths, targets, k, temperatures, std_scale, ranking)
+
+
+def linear_uld_distance(student_hidden, student_weight, student_bias, student_rows,
+                        student_targets, teacher_hidden, teacher_weight, teacher_bias,
+                        teacher_rows, lengths, temperature=1.0):
+    """Reference of ``torch.ops.mlot.linear_uld``: :func:`uld_distance` of both models' logits
+    ``hidden @ weight.T + bias``, built."""
+    linear = torch.nn.functional.linear
+    return uld_distance(linear(student_hidden, student_weight, student_bias), student_rows,
+                        student_targets, linear(teacher_hidden, teacher_weight, teacher_bias),
+                        teacher_rows, lengths, temperature)

@@ -186,7 +186,7 @@ def uld_forward_chunked(student_logits, student_rows, student_targets, teacher_l
         ce[r] = log_sum + mx - z.gather(1, y[:, None])[:, 0]
     return (distance.view(batch, answers), ce.view(batch, l_s), s_stats.view(batch, l_s, STATS),
             s_sign.view(batch, answers, v_s), t_stats.view(batch, l_t, STATS),
-            t_sign.view(batch, answers, -1))
+            t_sign.view(batch, answers, t_sign.shape[1]))
 
 
 def _softmax(z, temperature):
@@ -222,7 +222,7 @@ def uld_backward_chunked(grad_distance, grad_ce, student_logits, student_rows, s
             if g_dist is not None and bool(paired.any()):
                 q = torch.exp((z - st[r, 0, None]) / temperature - st[r, 1, None])
                 scale = torch.where(paired, g_dist[slot.clamp(min=0)], 0) / temperature
-                signs = sign.reshape(-1, z.shape[-1])[slot.clamp(min=0)].to(dtype)
+                signs = sign.flatten(0, 1)[slot.clamp(min=0)].to(dtype)
                 g += scale[:, None] * q * (signs - st[r, 3, None])
             labelled = y != IGNORE_INDEX
             if g_ce is not None and bool(labelled.any()):

@@ -30,6 +30,24 @@ def make_batch(gen, student_answers, teacher_answers, v_student, v_teacher, dtyp
     return s_logits, t_logits, s_labels, t_labels
 
 
+def make_hidden_batch(gen, student_answers, teacher_answers, v_student, v_teacher, size=12,
+                      dtype=torch.float64, bias=True):
+    """make_batch's labels with hidden states [B, T, H], output embeddings [V, H] and biases [V]
+    (None without ``bias``) of both models, scaled so that the logits spread like make_batch's.
+    Returns ((student hidden, weight, bias), (teacher hidden, weight, bias), student_labels,
+    teacher_labels)."""
+    s_logits, t_logits, s_labels, t_labels = make_batch(gen, student_answers, teacher_answers,
+                                                        v_student, v_teacher)
+
+    def one_model(logits, vocab):
+        hidden = torch.randn(*logits.shape[:2], size, generator=gen, dtype=torch.float64)
+        weight = 3 * torch.randn(vocab, size, generator=gen, dtype=torch.float64) / size ** 0.5
+        b = torch.randn(vocab, generator=gen, dtype=torch.float64) if bias else None
+        return tuple(None if x is None else x.to(dtype) for x in (hidden, weight, b))
+
+    return one_model(s_logits, v_student), one_model(t_logits, v_teacher), s_labels, t_labels
+
+
 def cross_entropy(logits, labels):
     """HF causal-LM token-mean cross-entropy (0 without answer tokens), token by token."""
     total, count = logits.new_zeros(()), 0

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from mlot_kernels import reference
-from mlot_kernels.answers import check_pair
+from mlot_kernels.answers import ce_targets, check_pair, token_mean
 from mlot_kernels.linear_topk_probs import linear_topk_probs
 from mlot_kernels.linear_uld_distance import linear_uld_distance
 from mlot_kernels.row_chunks import check_linear
@@ -85,12 +85,26 @@ def answer_probs(kernels, source, rows, lengths, targets, k, temperatures, std_s
 
 def uld_rows(kernels, student, student_rows, student_targets, teacher, teacher_rows, lengths,
              temperature):
-    """uld_distance of both models' outputs (both logits, or both :class:`Hidden`)."""
+    """uld_distance of both models' outputs: both logits, both :class:`Hidden`, or one of each
+    (then the Hidden one's logits are built: a teacher cache's few answer rows)."""
     if isinstance(student, Hidden) != isinstance(teacher, Hidden):
-        raise ValueError("uld_loss: the student's and the teacher's outputs must both be logits "
-                         "or both hidden states")
+        student, teacher = (torch.nn.functional.linear(*x) if isinstance(x, Hidden) else x
+                            for x in (student, teacher))
     if isinstance(student, Hidden):
         return kernels.linear_uld_distance(*student, student_rows, student_targets, *teacher,
                                            teacher_rows, lengths, temperature)
     return kernels.uld_distance(student, student_rows, student_targets, teacher, teacher_rows,
                                 lengths, temperature)
+
+
+def cross_entropy(source, labels, kernels="fused"):
+    """The causal-LM token-mean cross-entropy of one model's outputs (logits or :class:`Hidden`)
+    on ``labels`` (Hugging Face's; 0 without labels), reading only the labelled rows."""
+    ops = kernel_ops(kernels, "cross_entropy")
+    check(source, labels, "student")
+    targets = ce_targets(labels)
+    batch = batch_size(source)
+    no_rows = labels.new_zeros(batch, 0, dtype=torch.int64)
+    no_lengths = labels.new_zeros(batch, dtype=torch.int64)
+    _, _, ce = answer_probs(ops, source, no_rows, no_lengths, targets, 1, (1.0,), False, "token")
+    return token_mean(ce, targets)

@@ -76,10 +76,14 @@ def test_training_changes_the_student_and_lowers_the_loss(tiny, tmp_path):
     assert last < 0.9 * first
 
 
-def test_teacher_cache_skips_the_teacher_and_changes_nothing(tiny, tmp_path):
+@pytest.mark.parametrize("method,preset", [("mlot", "paper"), ("mlot", "official"),
+                                           ("uld", "paper")])
+def test_teacher_cache_skips_the_teacher_and_changes_nothing(tiny, tmp_path, method, preset):
     """Epoch 2 of a cached run and a whole second run read the cache: no teacher forward, and
-    the same loss curve as without a cache."""
-    common = dict(method="mlot", batch_size=8, epochs=2, max_steps=0, schedule="constant")
+    the loss curve of a run without a cache (1e-5), for the official preset's batch ranking and
+    ULD too; the cached hidden states serve other loss options, not another teacher dtype."""
+    common = dict(method=method, preset=preset, batch_size=8, epochs=2, max_steps=0,
+                  schedule="constant")
     plain = train(TrainConfig(**tiny.config(tmp_path / "plain", **common)))
     cache = str(tmp_path / "cache")
     first = train(TrainConfig(**tiny.config(tmp_path / "first", teacher_cache=cache, **common)))
@@ -91,15 +95,33 @@ def test_teacher_cache_skips_the_teacher_and_changes_nothing(tiny, tmp_path):
     expected = [r["loss"] for r in read_log(tmp_path / "plain")]
     for run in ("first", "second"):
         assert [r["loss"] for r in read_log(tmp_path / run)] == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="differing"):
-        train(TrainConfig(**tiny.config(tmp_path / "other", teacher_cache=cache,
-                                        loss_options=dict(k=20), **common)))
+    if method == "mlot":
+        other = train(TrainConfig(**tiny.config(tmp_path / "other", teacher_cache=cache,
+                                                loss_options=dict(k=20), **common)))
+        assert other["teacher_forwards"] == 0
+    with pytest.raises(ValueError, match=r"differing: \['teacher_dtype'\]"):
+        train(TrainConfig(**tiny.config(tmp_path / "bf16", teacher_cache=cache,
+                                        teacher_dtype="bfloat16", **common)))
+
+
+def test_logits_path_equals_hidden_path(tiny, tmp_path):
+    """loss_from='logits' (the models' logits) follows the default hidden-state path's loss
+    curve, with and without a teacher cache."""
+    common = dict(method="mlot", max_steps=3)
+    train(TrainConfig(**tiny.config(tmp_path / "hidden", **common)))
+    train(TrainConfig(**tiny.config(tmp_path / "logits", loss_from="logits", **common)))
+    train(TrainConfig(**tiny.config(tmp_path / "cached", loss_from="logits",
+                                    teacher_cache=str(tmp_path / "cache"), **common)))
+    expected = [r["loss"] for r in read_log(tmp_path / "hidden")]
+    for run in ("logits", "cached"):
+        assert [r["loss"] for r in read_log(tmp_path / run)] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("values,message", [
     (dict(method="kd"), "method must be one of"),
     (dict(method="uld", teacher=""), "needs a teacher"),
-    (dict(method="uld", teacher_cache="x"), "teacher_cache is for method 'mlot'"),
+    (dict(method="sft", teacher_cache="x"), "teacher_cache is for methods 'uld' and 'mlot'"),
+    (dict(loss_from="probs"), "loss_from must be one of"),
     (dict(method="sft", loss_options=dict(k=3)), "loss_options are options of method 'mlot'"),
     (dict(batch_size=0), "batch_size must be at least 1"),
     (dict(data_format="csv"), "data_format must be one of"),

@@ -38,3 +38,60 @@ def load_model(name_or_path, dtype="float32", device="cpu", trainable=True):
     if not trainable:
         model.eval().requires_grad_(False)
     return model
+
+
+# Config attributes of Hugging Face models whose logits are not their output layer applied to
+# their last hidden state, and what each does (the hidden-state path refuses them by name).
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": "caps the logits, cap * tanh(logits / cap) (Gemma 2 and 3)",
+    "logit_scale": "multiplies the logits by logit_scale (Cohere)",
+    "logits_scaling": "divides the logits by logits_scaling (Granite)",
+    "lm_head_multiplier": "multiplies the logits by lm_head_multiplier (Falcon-H1)",
+}
+NEUTRAL = (None, 1, 1.0)
+
+
+class HiddenStates(torch.nn.Module):
+    """A causal LM without its output layer: ``forward(input_ids, attention_mask)`` is its last
+    hidden state after the final norm [B, T, H] (``model.base_model``'s ``last_hidden_state``),
+    so the logits [B, T, V] are never built. ``model`` is its only submodule (DDP wraps this)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model.base_model(input_ids=input_ids,
+                                     attention_mask=attention_mask).last_hidden_state
+
+
+def output_layer(model, sample_ids):
+    """(weight [V, H], bias [V] or None) of ``model``'s output layer, once checked to give its
+    logits from its last hidden state on ``sample_ids`` [1, T]; a model whose logits are
+    anything else (a known config attribute, or a mismatch on the sample) is refused with a
+    ValueError that names it."""
+    name = type(model).__name__
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attribute, what in LOGIT_TRANSFORMS.items():
+        if getattr(config, attribute, None) not in NEUTRAL:
+            raise ValueError(f"{name}: config.{attribute} = {getattr(config, attribute)!r} "
+                             f"{what}, so its logits are not its output layer applied to its "
+                             "last hidden state; train with loss_from='logits' "
+                             "(--loss-from logits)")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{name}: its output layer is {type(head).__name__}, not a "
+                         "torch.nn.Linear; train with loss_from='logits' (--loss-from logits)")
+    with torch.no_grad():
+        mask = torch.ones_like(sample_ids)
+        logits = model(input_ids=sample_ids, attention_mask=mask).logits.float()
+        hidden = HiddenStates(model)(sample_ids, mask)
+        rebuilt = torch.nn.functional.linear(hidden, head.weight, head.bias).float()
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    error = (rebuilt - logits).abs().max().item() / max(logits.abs().max().item(), 1e-30)
+    if not error <= tolerance:
+        raise ValueError(f"{name}: its logits differ from its output layer applied to its last "
+                         f"hidden state (relative error {error:.2g} on a sample) so the "
+                         "hidden-state path would compute another loss; train with "
+                         "loss_from='logits' (--loss-from logits)")
+    return head.weight, head.bias

@@ -1,20 +1,18 @@
-"""``--teacher-cache DIR``: the teacher's truncated answers, computed once per example.
+"""``--teacher-cache DIR``: the teacher's last hidden states at its answer rows, computed once
+per example.
 
-With the MultiLevelOT loss the teacher enters only through its top-k probabilities at its
-answer positions (:class:`mlot_kernels.multi_level_ot.Truncated`). The cache stores, per
-training example, the valid rows of those probabilities (``[n_T, k]``, and ``[n_T, k]`` at the
-SD temperature when SD takes its own top-k), the columns kept and ``n_T``, in float32, so that
-later epochs and later runs skip the teacher's forward pass.
+The losses read the teacher only through its logits at its answer rows, and those are its
+output layer applied to its last hidden state there (:func:`mlot_kernels.distill.models.
+output_layer` checks that it is so). The cache stores, per training example, those hidden states
+(``[n_T, H]``, in the teacher's dtype) and later steps rebuild the teacher's outputs from them
+(:class:`mlot_kernels.outputs.Hidden`) with the teacher's output layer: every loss and every
+option then runs on them as on the teacher's forward, including ``batch`` ranking (the
+``official`` preset), whose column order depends on the whole batch, and ULD. A cached step costs
+the projection of the answer rows, not the teacher's forward.
 
-Limits:
-
-- ``batch`` ranking (the ``official`` preset) orders the columns by the whole batch's mass, so
-  a sequence's targets depend on the batch it is in: it cannot be cached (an error says so;
-  override ``ranking`` to ``sequence`` or ``token``).
-- Only the ``mlot`` method: ULD's targets are the teacher's whole sorted vocabulary per position,
-  as large as its logits; ``seqkd`` generates the teacher's answers once anyway.
-- The directory belongs to one teacher, tokenizer, data set, prompt and set of truncation options
-  (``meta.json``); a run with other settings stops with an error instead of reading stale targets.
+The directory belongs to one teacher, tokenizer, data set, prompt, teacher dtype and answer rule
+(``meta.json``); a run with other settings stops with an error instead of reading stale states.
+An entry that cannot be read stops the run with an error that names its file.
 """
 
 import json
@@ -22,25 +20,18 @@ import os
 
 import torch
 
+from mlot_kernels.answers import IGNORE_INDEX, answer_positions
 from mlot_kernels.distill.files import save_torch, write_json
-from mlot_kernels.multi_level_ot import Truncated
-
-TRUNCATION_OPTIONS = ("k", "temperature", "std_scale", "ranking", "answer_span", "sd",
-                      "sd_softmax", "sd_temperature")
 
 
 class TeacherCache:
-    """Per-example teacher targets under ``directory`` for one ``fingerprint`` (a JSON-able dict
-    of everything the targets depend on)."""
+    """Per-example teacher hidden states under ``directory`` for one ``fingerprint`` (a JSON-able
+    dict of everything they depend on), at the answer rows of ``answer_span``."""
 
-    def __init__(self, directory, fingerprint, options):
-        if options.ranking == "batch":
-            raise ValueError("--teacher-cache: ranking='batch' orders the columns by the whole "
-                             "batch, so a sequence's teacher targets depend on its batch and "
-                             "cannot be cached; use ranking='sequence' or 'token', or no cache")
+    def __init__(self, directory, fingerprint, answer_span):
         self.directory = directory
-        self.fingerprint = dict(fingerprint, **{name: getattr(options, name)
-                                                for name in TRUNCATION_OPTIONS})
+        self.answer_span = answer_span
+        self.fingerprint = dict(fingerprint, answer_span=answer_span, stores="hidden states")
         os.makedirs(directory, exist_ok=True)
         meta = os.path.join(directory, "meta.json")
         if os.path.exists(meta):
@@ -49,8 +40,8 @@ class TeacherCache:
             if stored != json.loads(json.dumps(self.fingerprint)):
                 changed = sorted(key for key in set(stored) | set(self.fingerprint)
                                  if stored.get(key) != self.fingerprint.get(key))
-                raise ValueError(f"--teacher-cache {directory!r} holds targets for other settings "
-                                 f"(differing: {changed}); use another directory")
+                raise ValueError(f"--teacher-cache {directory!r} holds hidden states for other "
+                                 f"settings (differing: {changed}); use another directory")
         else:
             write_json(self.fingerprint, meta)
 
@@ -58,44 +49,42 @@ class TeacherCache:
         return os.path.join(self.directory, f"{index:09d}.pt")
 
     def get(self, indices, device):
-        """The batch's stacked :class:`Truncated` targets on ``device``, or None unless all are
-        stored."""
+        """The batch's compact teacher batch (:func:`compact`) on ``device``, or None unless
+        every example is stored."""
         paths = [self._path(i) for i in indices]
         if not all(os.path.exists(p) for p in paths):
             return None
-        return stack([torch.load(p) for p in paths], device)
+        return compact([read_entry(p) for p in paths], device)
 
-    def put(self, indices, targets):
-        """Store each sequence of the batch's targets under its example index."""
-        for index, entry in zip(indices, unstack(targets)):
-            save_torch(entry, self._path(index))
-
-
-def unstack(targets):
-    """One dict per sequence: its valid rows (float32, on the CPU), columns and length."""
-    entries = []
-    for b, n in enumerate(targets.lengths.tolist()):
-        per_row = targets.indices.dim() == 3  # token ranking: one column order per row
-        entries.append(dict(
-            probs=targets.probs[b, :n].float().cpu(),
-            sd_probs=None if targets.sd_probs is None else targets.sd_probs[b, :n].float().cpu(),
-            indices=(targets.indices[b, :n] if per_row else targets.indices[b]).cpu(),
-            length=n))
-    return entries
+    def put(self, indices, hidden, labels):
+        """Store each sequence's hidden states [B, T, H] at its answer rows (``labels`` [B, T],
+        the answer rule of this cache) under its example index."""
+        positions, lengths = answer_positions(labels, self.answer_span)
+        for b, (index, n) in enumerate(zip(indices, lengths.tolist())):
+            rows = hidden[b, positions[b, :n]].detach().cpu().clone()
+            save_torch(dict(hidden=rows, length=n), self._path(index))
 
 
-def stack(entries, device):
-    """The :class:`Truncated` of a batch of cached sequences, zero-padded to the longest."""
-    width = max(e["length"] for e in entries)
+def read_entry(path):
+    """One stored entry, or a ValueError naming the file."""
+    try:
+        entry = torch.load(path, weights_only=True)
+        if entry["hidden"].shape[0] != entry["length"]:
+            raise ValueError(f"{entry['hidden'].shape[0]} rows for length {entry['length']}")
+        return entry
+    except Exception as error:  # a truncated or foreign file: never a different loss
+        raise ValueError(f"--teacher-cache: cannot read {path} ({error}); remove it (or the "
+                         "directory) to recompute it") from error
 
-    def padded(key):
-        return torch.stack([torch.nn.functional.pad(e[key], (0, 0, 0, width - e["length"]))
-                            for e in entries]).to(device)
 
-    per_row = entries[0]["indices"].dim() == 2
-    indices = (torch.stack([torch.nn.functional.pad(e["indices"], (0, 0, 0, width - e["length"]),
-                                                    value=-1) for e in entries])
-               if per_row else torch.stack([e["indices"] for e in entries]))
-    return Truncated(padded("probs"), None if entries[0]["sd_probs"] is None else padded("sd_probs"),
-                     torch.tensor([e["length"] for e in entries], device=device),
-                     indices.to(device))
+def compact(entries, device):
+    """(hidden [B, A + 1, H], labels [B, A + 1]) of stored sequences: sequence b's answer rows at
+    positions 0 .. n_b - 1 (zero rows after), and labels whose answer rule, either one, finds
+    exactly those rows (labels 1 .. n_b are 0, the rest -100), A the longest n_b."""
+    width = max(e["length"] for e in entries) + 1
+    hidden = torch.stack([torch.nn.functional.pad(e["hidden"], (0, 0, 0, width - e["length"]))
+                          for e in entries])
+    labels = torch.full((len(entries), width), IGNORE_INDEX)
+    for b, e in enumerate(entries):
+        labels[b, 1:e["length"] + 1] = 0
+    return hidden.to(device), labels.to(device)

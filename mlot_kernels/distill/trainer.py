@@ -6,7 +6,11 @@
 - ``mlot``: :class:`mlot_kernels.MultiLevelOTLoss` (``preset`` and ``loss_options``).
 
 The teacher is frozen in eval mode (optionally bfloat16) and sees its few-shot prompt; the student
-its zero-shot prompt (:mod:`mlot_kernels.distill.prompts`). AdamW and, by default, the paper's
+its zero-shot prompt (:mod:`mlot_kernels.distill.prompts`). By default (``loss_from='hidden'``)
+neither model builds its logits: the losses read each model's last hidden state and output layer
+(:class:`mlot_kernels.outputs.Hidden`), projecting only the rows they need; a model whose logits
+are not its output layer applied to its last hidden state is refused by name
+(:func:`mlot_kernels.distill.models.output_layer`), and ``loss_from='logits'`` keeps the logits. AdamW and, by default, the paper's
 OneCycle schedule step once per global batch of ``batch_size × grad_accum × world_size``
 examples. Under ``torchrun`` the student is wrapped in DistributedDataParallel (NCCL on GPUs,
 gloo on CPU) and the ranks split each global batch, so a step's gradient is the same mean
@@ -30,17 +34,19 @@ import time
 import torch
 import torch.distributed as dist
 
-from mlot_kernels.answers import causal_lm_cross_entropy
 from mlot_kernels.distill.data import FORMATS, METRIC, load_examples, write_jsonl
 from mlot_kernels.distill.evaluate import evaluate, generate
-from mlot_kernels.distill.models import DTYPES, load_model, load_tokenizer, resolve_device
+from mlot_kernels.distill.models import (DTYPES, HiddenStates, load_model, load_tokenizer,
+                                         output_layer, resolve_device)
 from mlot_kernels.distill.prompts import collate, encode, prompt
 from mlot_kernels.distill.files import replace_atomically, save_torch, write_json
 from mlot_kernels.distill.teacher_cache import TeacherCache
 from mlot_kernels.multi_level_ot import MultiLevelOTLoss
+from mlot_kernels.outputs import Hidden, cross_entropy
 from mlot_kernels.uld import uld_loss
 
 METHODS = ("sft", "seqkd", "uld", "mlot")
+LOSS_FROM = ("hidden", "logits")
 SCHEDULES = ("onecycle", "constant")
 FINAL_WINDOW = 10  # summary.json's final loss terms: the mean over this many last steps
 
@@ -76,10 +82,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     kernels: str = "fused"            # 'fused' (torch.ops.mlot) or 'reference'
+    loss_from: str = "hidden"         # 'hidden': hidden states and output layers; 'logits'
     out: str = "runs/train"
     checkpoint_every: int = 0         # steps between checkpoints (0: only at the end)
     resume: bool = False              # continue from out/checkpoint.pt
-    teacher_cache: str = ""           # directory of cached teacher targets (mlot)
+    teacher_cache: str = ""           # directory of cached teacher hidden states (uld, mlot)
     eval_data: str = ""               # held-out data (same format) scored after training
     eval_split: str = "validation"
     eval_limit: int = 0
@@ -88,7 +95,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("schedule", SCHEDULES),
-                              ("data_format", FORMATS), ("teacher_dtype", tuple(DTYPES))):
+                              ("data_format", FORMATS), ("teacher_dtype", tuple(DTYPES)),
+                              ("loss_from", LOSS_FROM)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("student", "data"):
@@ -99,8 +107,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.teacher_cache and self.method != "mlot":
-            raise ValueError(f"teacher_cache is for method 'mlot', got method {self.method!r}")
+        if self.teacher_cache and self.method not in ("uld", "mlot"):
+            raise ValueError(f"teacher_cache is for methods 'uld' and 'mlot', got method "
+                             f"{self.method!r}")
         if self.loss_options and self.method != "mlot":
             raise ValueError(f"loss_options are options of method 'mlot', got {self.method!r}")
 
@@ -194,41 +203,55 @@ def seqkd_answers(teacher, tokenizer, examples, shots, cfg, world, path):
 
 
 class Method:
-    """The loss of one method on a micro-batch: ``terms(indices, logits, labels, teacher_batch)``
-    -> the dict of loss terms, from the student's logits and labels, the micro-batch's example
-    indices (the teacher cache's keys) and the teacher's collated batch."""
+    """The loss of one method on a micro-batch: ``terms(indices, student, labels, teacher_batch)``
+    -> the dict of loss terms, from the student's outputs (its logits, or
+    :class:`mlot_kernels.outputs.Hidden`) and labels, the micro-batch's example indices (the
+    teacher cache's keys) and the teacher's collated batch. ``teacher_head`` is the teacher's
+    output layer (weight, bias) where the teacher's outputs are hidden states."""
 
-    def __init__(self, cfg, teacher, cache_fingerprint):
-        self.cfg, self.teacher = cfg, teacher
+    def __init__(self, cfg, teacher, cache_fingerprint, teacher_head=None):
+        self.cfg, self.teacher, self.teacher_head = cfg, teacher, teacher_head
         self.loss_fn = None
         self.cache = None
         if cfg.method == "mlot":
             self.loss_fn = MultiLevelOTLoss(cfg.preset, cfg.kernels, **cfg.loss_options)
-            if cfg.teacher_cache:
-                self.cache = TeacherCache(cfg.teacher_cache, cache_fingerprint, self.loss_fn.options)
+        if cfg.teacher_cache:
+            answer_span = self.loss_fn.options.answer_span if self.loss_fn else "labels"
+            self.cache = TeacherCache(cfg.teacher_cache, cache_fingerprint, answer_span)
         self.teacher_forwards = 0
 
-    def teacher_logits(self, batch):
+    def teacher_forward(self, batch, hidden):
+        """The teacher's last hidden state (``hidden``) or logits on a batch, without gradients."""
         self.teacher_forwards += 1
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         with torch.no_grad():
-            return self.teacher(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).logits
+            if hidden:
+                return HiddenStates(self.teacher)(**inputs)
+            return self.teacher(**inputs).logits
 
-    def terms(self, indices, logits, labels, teacher_batch):
+    def teacher_outputs(self, indices, batch):
+        """(outputs, labels) of the teacher for the loss: its hidden states from the cache (filled
+        on a miss, then read back, so that every epoch sees the same states) or from its
+        forward, or its logits."""
+        if self.cache:
+            stored = self.cache.get(indices, batch["labels"].device)
+            if stored is None:
+                self.cache.put(indices, self.teacher_forward(batch, True), batch["labels"])
+                stored = self.cache.get(indices, batch["labels"].device)
+            return Hidden(stored[0], *self.teacher_head), stored[1]
+        if self.teacher_head is not None:
+            return Hidden(self.teacher_forward(batch, True), *self.teacher_head), batch["labels"]
+        return self.teacher_forward(batch, False), batch["labels"]
+
+    def terms(self, indices, student, labels, teacher_batch):
         cfg = self.cfg
         if cfg.method in ("sft", "seqkd"):
-            ce = causal_lm_cross_entropy(logits, labels)
+            ce = cross_entropy(student, labels, cfg.kernels)
             return dict(loss=ce, ce=ce)
+        teacher, teacher_labels = self.teacher_outputs(indices, teacher_batch)
         if cfg.method == "uld":
-            return uld_loss(logits, self.teacher_logits(teacher_batch), labels,
-                            teacher_batch["labels"], kernels=cfg.kernels)
-        targets = self.cache.get(indices, logits.device) if self.cache else None
-        if targets is None:
-            targets = self.loss_fn.teacher_targets(self.teacher_logits(teacher_batch),
-                                                   teacher_batch["labels"])
-            if self.cache:
-                self.cache.put(indices, targets)
-        return self.loss_fn.from_targets(logits, labels, targets)
+            return uld_loss(student, teacher, labels, teacher_labels, kernels=cfg.kernels)
+        return self.loss_fn(student, teacher, labels, teacher_labels)
 
 
 def build_optimizer(model, cfg, total_steps):
@@ -323,16 +346,21 @@ def _train(cfg, device, world):
                          f"{world.world} processes = {global_batch})")
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     optimizer, scheduler = build_optimizer(student, cfg, total_steps)
-    model = student
+    hidden = cfg.loss_from == "hidden"
+    student_head = output_layer(student, sample_ids(student_seqs, device)) if hidden else None
+    teacher_head = None
+    if teacher is not None and cfg.method != "seqkd" and (hidden or cfg.teacher_cache):
+        teacher_head = output_layer(teacher, sample_ids(teacher_seqs, device))
+    model = HiddenStates(student) if hidden else student
     if world.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     fingerprint = dict(teacher=cfg.teacher, tokenizer=cfg.teacher_tokenizer or cfg.teacher,
                        data=os.path.abspath(cfg.data) if os.path.exists(cfg.data) else cfg.data,
                        data_format=cfg.data_format, split=cfg.split, limit=cfg.limit,
                        teacher_shots=cfg.teacher_shots, max_length=cfg.max_length,
                        teacher_dtype=cfg.teacher_dtype)
-    method = Method(cfg, teacher, fingerprint)
+    method = Method(cfg, teacher, fingerprint, teacher_head)
 
     start = 0
     if cfg.resume:
@@ -368,9 +396,9 @@ def _train(cfg, device, world):
             teacher_batch = batch_of(teacher_seqs, teacher_tok, mine) if teacher else None
             sync = micro == cfg.grad_accum - 1 or world.world == 1
             with contextlib.nullcontext() if sync else model.no_sync():
-                logits = model(input_ids=batch["input_ids"],
-                               attention_mask=batch["attention_mask"]).logits
-                terms = method.terms(mine, logits, batch["labels"], teacher_batch)
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                outputs = Hidden(out, *student_head) if hidden else out.logits
+                terms = method.terms(mine, outputs, batch["labels"], teacher_batch)
                 (terms["loss"] / cfg.grad_accum).backward()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
@@ -427,6 +455,12 @@ def _train(cfg, device, world):
         write_json(summary, os.path.join(cfg.out, "summary.json"))
     world.barrier()
     return summary
+
+
+def sample_ids(sequences, device, length=16):
+    """[1, length] token ids of the first sequence: the input on which output_layer checks a
+    model's head."""
+    return torch.tensor([sequences[0].input_ids[:length]], device=device)
 
 
 def final_terms(log_path):

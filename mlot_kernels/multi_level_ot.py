@@ -22,8 +22,15 @@ scaling, ``batch`` ranking, the ``window`` answer rule with the student's EOS po
 softmax at ``sd_temperature`` taken over the truncated vectors (``sd_softmax="truncated"``), 10
 iterations, ``SD = sum_b 0.001 SD_b``, and ``distill = 1.5 * (HAD + 0.1 SL + 0.1 SD)``.
 
-``loss = ce + distill`` with ``ce`` the student's cross-entropy on its labels
-(:func:`mlot_kernels.answers.causal_lm_cross_entropy`). Sequences without answer tokens add 0
+``loss = ce + distill`` with ``ce`` the student's token-mean cross-entropy on its labels, as
+Hugging Face computes it (:func:`mlot_kernels.answers.causal_lm_cross_entropy`).
+
+Each model's logits are read once per pass, and only at the rows that carry a label or a term:
+one op per model (:func:`mlot_kernels.topk_probs.answer_topk_probs`) gives its truncations at
+both temperatures and the student's cross-entropy, and writes its gradient in one buffer. In place
+of a model's logits the loss also takes :class:`mlot_kernels.outputs.Hidden` (its last hidden
+state and output layer), whose logits it never builds (:mod:`mlot_kernels.linear_topk_probs`).
+Sequences without answer tokens add 0
 to every term (and ``n = 0`` gives ``HAD_b = SL_b = 0``); in ``SL_b``, ``log s`` is taken as
 ``log max(s, tiny)`` (tiny: the smallest normal number of the dtype), so a student vocabulary
 smaller than ``k`` gives a large finite SL rather than infinity.
@@ -216,7 +223,8 @@ def multi_level_ot_loss(student_logits, teacher_logits, student_labels, teacher_
     ``distill`` and the unweighted terms ``had``, ``sl``, ``sd`` that are switched on.
 
     Args:
-        student_logits: [B, T_S, V_S]; teacher_logits: [B, T_T, V_T] (any vocabulary sizes).
+        student_logits: [B, T_S, V_S]; teacher_logits: [B, T_T, V_T] (any vocabulary sizes);
+            either may be a :class:`mlot_kernels.outputs.Hidden` instead.
         student_labels: [B, T_S]; teacher_labels: [B, T_T] integer, -100 = ignored; the logit
             at position i predicts the label at i + 1.
         preset: 'paper' or 'official'.

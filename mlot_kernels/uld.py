@@ -24,7 +24,8 @@ from mlot_kernels.outputs import Hidden, kernel_ops
 def uld_loss(student_logits, teacher_logits, student_labels, teacher_labels, *, weight=1.5,
              temperature=1.0, answer_span="labels", skip_student_eos=False, kernels="fused"):
     """The ULD loss of a batch: a dict with ``loss`` (= ce + distill), ``ce``, ``distill`` and
-    the unweighted ``uld``; arguments as for :func:`mlot_kernels.multi_level_ot_loss`."""
+    the unweighted ``uld``; arguments as for :func:`mlot_kernels.multi_level_ot_loss` (logits, or
+    :class:`mlot_kernels.outputs.Hidden`)."""
     ops = kernel_ops(kernels, "uld_loss")
     weight = checked_option("weight", weight, float, "uld_loss")
     temperature = checked_option("temperature", temperature, float, "uld_loss")

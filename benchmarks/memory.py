@@ -33,6 +33,7 @@ SUITES = {
     "sinkhorn_tolerance": ("benchmarks.sinkhorn_cases", "TOLERANCE_IMPLS"),
     "topk_probs": ("benchmarks.topk_cases", "IMPLS"),
     "loss": ("benchmarks.loss_cases", "IMPLS"),
+    "loss_cost": ("benchmarks.loss_cost_cases", "IMPLS"),
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

@@ -21,7 +21,11 @@ writes ``<tag>-report.json`` (every measurement, the versions, the device's ceil
 - ``topk_probs``: the op against eager softmax-sort-gather, over sequence lengths at B=8,
   V=32000 (k=50, sequence ranking), and one std-scaled case;
 - ``loss``: MultiLevelOTLoss('official') against the released code's loss, over sequence
-  lengths at B=8 with the paper's vocabularies.
+  lengths at B=8 with the paper's vocabularies;
+- ``loss_cost``: the whole loss at a realistic size (benchmarks/loss_cost_cases.py): plain
+  cross-entropy from the logits, each preset and ULD from the logits (compared with plain
+  cross-entropy), and each from hidden states (compared with both output layers' matmuls plus
+  the logits path, which it replaces).
 
 Every row is the median of at least ``MIN_ROUNDS`` timed steps after a warm-up step (which also
 compiles what torch.compile compiles) and the peak extra memory of one step
@@ -29,7 +33,8 @@ compiles what torch.compile compiles) and the peak extra memory of one step
 whose step is predicted to take longer than ``MAX_STEP_S`` (its last time, scaled as the op's
 time grew) is skipped and the row says so; a step that fails (out of memory) is reported as such.
 On every device the op's rows also give the fraction of the measured copy bandwidth and float32
-matmul rate their modelled work reaches (benchmarks/ceilings.py). ``--quick`` runs tiny sizes
+matmul rate their modelled work reaches (benchmarks/ceilings.py). Where a cases module names a
+baseline per implementation (``BASELINES``), the ratios are to that baseline instead of to the op. ``--quick`` runs tiny sizes
 (the CI smoke test); its numbers mean nothing.
 """
 
@@ -91,7 +96,7 @@ def _tolerance_settings(case, tol):
 
 def plan(device, quick):
     """The report's sections on ``device``."""
-    from benchmarks import loss_cases, sinkhorn_cases, topk_cases
+    from benchmarks import loss_cases, loss_cost_cases, sinkhorn_cases, topk_cases
 
     kind = torch.device(device).type
     sweeps, tol = _sweeps(kind, quick), QUICK_TOL if quick else TOL
@@ -114,6 +119,8 @@ def plan(device, quick):
     vocabs = dict(v_student=300, v_teacher=200) if quick else {}
     loss = [(f"T={n}", "sweep", n, loss_cases.make_case(batch, n, device=device, **vocabs))
             for n in sweeps["loss"]]
+    cost = [(name, "cost", None, case)
+            for name, case in loss_cost_cases.named_cases(device, quick).items()]
     return [
         Section("sinkhorn", "Sinkhorn loss, 20 iterations", "M = N (B=8, K=50)",
                 sinkhorn + long_cases,
@@ -138,6 +145,14 @@ def plan(device, quick):
                 "T (B=8, V 50272/32000)", loss,
                 "One forward+backward of the total loss (cross-entropy + distillation) with "
                 "respect to the student's logits; answers of log-normal lengths (median 24)."),
+        Section("loss_cost", "The whole loss's cost against plain cross-entropy and against "
+                "the output layers it replaces", "", cost,
+                "One forward+backward of the total loss (cross-entropy + distillation) with "
+                "respect to the student's inputs (its logits, or its hidden states and output "
+                "embedding; the teacher frozen), answers of fixed lengths after a prompt. 'time "
+                "÷ its' and 'memory ÷ its' divide by the baseline's median time and peak extra "
+                "memory, measured in the same run; the last column is the peak in sizes of the "
+                "student's float32 logits [B, T, V_S]."),
     ]
 
 
@@ -175,9 +190,12 @@ def _setting(suite, impl, case):
 
 
 def run_section(section, kind, ceiling, log):
-    """The section's rows: every implementation on every case, with the ratios to the op's."""
+    """The section's rows: every implementation on every case, with the ratios to the op's (or
+    to each implementation's baseline, where the cases module names them)."""
     cases_module, table = SUITES[section.suite]
-    impls = getattr(importlib.import_module(cases_module), table)
+    module = importlib.import_module(cases_module)
+    impls = getattr(module, table)
+    baselines = getattr(module, "BASELINES", None)
     rows, last = [], {}  # last: impl -> (its seconds, the op's seconds) on its last measured case
     for name, group, x, case in section.cases:
         reference = None
@@ -194,15 +212,31 @@ def run_section(section, kind, ceiling, log):
             log(f"{section.suite} {name} {impl}: " + (
                 row.get("skipped") or f"{row['median_ms']:.2f} ms, {row['peak_extra_mib']:.1f} MiB"))
             rows.append(row)
-        ref_row = next(r for r in rows[-len(impls):] if r["impl"] == REFERENCE)
-        for row in rows[-len(impls):]:
+        case_rows = {r["impl"]: r for r in rows[-len(impls):]}
+        if baselines is not None:
+            _baseline_ratios(case_rows, baselines, module.student_logits_mib(case))
+            continue
+        ref_row = case_rows[REFERENCE]
+        for row in case_rows.values():
             if "median_ms" in row and "median_ms" in ref_row:
                 row["speedup"] = row["median_ms"] / ref_row["median_ms"]
                 row["memory_ratio"] = (ref_row["peak_extra_mib"] / row["peak_extra_mib"]
                                        if row["peak_extra_mib"] > 0 else None)
     return dict(suite=section.suite, title=section.title, x_label=section.x_label,
                 note=section.note, computes={impl: spec.computes for impl, spec in impls.items()},
-                rows=rows)
+                rows=rows, baselines=baselines)
+
+
+def _baseline_ratios(case_rows, baselines, logits_mib):
+    """Each row's time and peak memory over its baseline's, and its peak in logits sizes."""
+    for impl, row in case_rows.items():
+        if "median_ms" not in row:
+            continue
+        row["logits_ratio"] = row["peak_extra_mib"] / logits_mib
+        base = case_rows.get(baselines.get(impl))
+        if base is not None and "median_ms" in base:
+            row.update(baseline=base["impl"], time_ratio=row["median_ms"] / base["median_ms"],
+                       baseline_memory_ratio=row["peak_extra_mib"] / base["peak_extra_mib"])
 
 
 def _version(package):
@@ -286,6 +320,9 @@ def render(report):
     for section in report["sections"]:
         lines += ["", f"#### {section['title']}", "", section["note"], ""]
         lines += [f"- `{impl}`: {text}" for impl, text in section["computes"].items()]
+        if section.get("baselines") is not None:
+            lines += [""] + _render_baselines(section)
+            continue
         lines += ["", "| case | shape | implementation | setting | median ms | mlot speed-up "
                       "| peak extra MiB | mlot memory ÷ its | % of copy bandwidth "
                       "| % of fp32 matmul rate |",
@@ -302,6 +339,22 @@ def render(report):
             lines.append("| " + " | ".join([row["case"], row["shape"], row["impl"],
                                              row["setting"] or "–", *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _render_baselines(section):
+    lines = ["| case | shape | implementation | median ms | compared with | time ÷ its "
+             "| peak extra MiB | memory ÷ its | peak ÷ student logits |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for row in section["rows"]:
+        if "median_ms" not in row:
+            cells = [row["skipped"], "", "", "", "", ""]
+        else:
+            cells = [f"{row['median_ms']:.2f}", row.get("baseline", "–"),
+                     _cell(row.get("time_ratio"), ".2f") + "×", f"{row['peak_extra_mib']:.1f}",
+                     _cell(row.get("baseline_memory_ratio"), ".2f") + "×",
+                     _cell(row.get("logits_ratio"), ".2f") + "×"]
+        lines.append("| " + " | ".join([row["case"], row["shape"], row["impl"], *cells]) + " |")
+    return lines
 
 
 def plot(section, path):

@@ -6,7 +6,10 @@ Machine, torch and commit come first, then one table per suite with one row per
 the forward+backward, mlot's forward+backward speed-up over that implementation (ratio of
 medians) and the peak extra MiB of one forward+backward (benchmarks/memory.py); for topk_probs
 also the peak beyond the logits' gradient (which the step returns) as a multiple of the logits'
-size.
+size. A suite whose cases module names a baseline per implementation (``BASELINES``: the
+whole-loss cost, benchmarks/loss_cost_cases.py) gives instead each implementation's
+forward+backward time and peak memory divided by its baseline's, and the peak in student-logits
+sizes.
 """
 
 import importlib
@@ -17,8 +20,36 @@ from benchmarks.memory import SUITES
 from benchmarks.steps import MODES
 
 
-def _table(suite, rows):
+def _baseline_table(suite, rows, baselines):
     shape = importlib.import_module(SUITES[suite][0]).shape
+    header = ["case", "shape", "implementation", *(f"{mode.replace('_', '+')} ms" for mode in MODES),
+              "compared with", "time ÷ its", "peak extra MiB", "memory ÷ its",
+              "peak ÷ student logits"]
+    lines = [f"**{suite}**", "", "| " + " | ".join(header) + " |",
+             "|---|---|---|" + "---:|" * 3 + "---|" + "---:|" * 4]
+    for case, impls in rows.items():
+        for impl, modes in impls.items():
+            info = next(iter(modes.values()))[1]
+            fb = modes.get("forward_backward")
+            times = [f"{modes[mode][0] * 1e3:.2f}" if mode in modes else "–" for mode in MODES]
+            base = impls.get(baselines.get(impl), {}).get("forward_backward")
+            ratios = ["–", "–"]
+            if fb and base:
+                ratios = [f"{fb[0] / base[0]:.2f}×",
+                          f"{fb[1]['peak_extra_mib'] / base[1]['peak_extra_mib']:.2f}×"]
+            memory = f"{fb[1]['peak_extra_mib']:.1f}" if fb else "–"
+            logits = f"{fb[1]['peak_extra_mib'] / fb[1]['student_logits_mib']:.2f}×" if fb else "–"
+            lines.append("| " + " | ".join([case, shape(info["params"]), impl, *times,
+                                             baselines.get(impl, "–"), ratios[0], memory,
+                                             ratios[1], logits]) + " |")
+    return lines
+
+
+def _table(suite, rows):
+    module = importlib.import_module(SUITES[suite][0])
+    if hasattr(module, "BASELINES"):
+        return _baseline_table(suite, rows, module.BASELINES)
+    shape = module.shape
     topk = suite == "topk_probs"
     header = ["case", "shape", "implementation", *(f"{mode.replace('_', '+')} ms" for mode in MODES),
               "mlot speed-up", "peak extra MiB", *(["beyond the gradient ÷ logits"] if topk else [])]

@@ -35,7 +35,7 @@ def test_quick_report_measures_every_installed_implementation(quick_report):
     carrying the fractions of the measured ceilings."""
     _, report, _ = quick_report
     assert [s["suite"] for s in report["sections"]] == ["sinkhorn", "sinkhorn_tolerance",
-                                                         "topk_probs", "loss"]
+                                                         "topk_probs", "loss", "loss_cost"]
     assert report["ceilings"]["copy_gb_s"] > 0 and report["ceilings"]["matmul_fp32_tflop_s"] > 0
     for section in report["sections"]:
         module, name = report_module.SUITES[section["suite"]]
@@ -47,6 +47,11 @@ def test_quick_report_measures_every_installed_implementation(quick_report):
                 continue
             assert "skipped" not in row, row
             assert row["median_ms"] > 0 and row["peak_extra_mib"] >= 0, row
+            baselines = section.get("baselines")
+            if baselines is not None:  # ratios to each implementation's own baseline
+                assert row.get("baseline") == baselines.get(row["impl"]), row
+                assert row.get("time_ratio", 1) > 0 and row["logits_ratio"] >= 0, row
+                continue
             assert row["speedup"] > 0, row
             if row["impl"] == "mlot" and section["suite"] != "loss":
                 assert row["bandwidth_fraction"] > 0, row

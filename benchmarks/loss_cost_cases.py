@@ -1,0 +1,142 @@
+"""The cost of the whole loss at a realistic size, against plain cross-entropy and against what the
+hidden-state path replaces: the cases, implementations and steps shared by the pytest-benchmark
+suite (benchmarks/test_loss_cost.py), the report (benchmarks/report.py) and the memory probe
+(benchmarks/memory.py).
+
+A case is a dict: B sequences of T tokens, a student vocabulary V_S and a teacher's V_T, H-wide
+hidden states, and per sequence ``answer`` labelled student tokens (the teacher's answer is
+``teacher_answer`` tokens: another tokenizer splits the same text differently) after a prompt of
+``prompt`` tokens, the rest -100. The logits implementations get float32 logits [B, T, V] = 3 *
+standard normal; the hidden ones hidden states [B, T, H] (standard normal) and output embeddings
+[V, H] (normal, std 3 / sqrt(H), so that the logits spread alike), without bias. The objective is
+the total loss (cross-entropy + distillation), differentiated with respect to the student's
+inputs: its logits, or its hidden states and output embedding; the teacher is frozen.
+
+Each implementation is compared with a baseline (:data:`BASELINES`): the losses from logits with
+plain cross-entropy from the same logits (``ce``, Hugging Face's), the hidden-state path with the
+two output layers' matmuls plus the logits path (``*_lm_head``), which is what it replaces.
+"""
+
+import torch
+
+import mlot_kernels
+from benchmarks.steps import Impl, make_steps
+from mlot_kernels.answers import causal_lm_cross_entropy
+
+IGNORE = -100
+
+
+def _ce(student_logits, teacher_logits, student_labels, teacher_labels):
+    return causal_lm_cross_entropy(student_logits, student_labels)
+
+
+def _from_logits(method):
+    def run(student_logits, teacher_logits, student_labels, teacher_labels):
+        if method == "uld":
+            return mlot_kernels.uld_loss(student_logits, teacher_logits, student_labels,
+                                         teacher_labels)["loss"]
+        return mlot_kernels.multi_level_ot_loss(student_logits, teacher_logits, student_labels,
+                                                teacher_labels, preset=method)["loss"]
+    return run
+
+
+def _from_hidden(method):
+    def run(s_hidden, s_weight, t_hidden, t_weight, student_labels, teacher_labels):
+        if method == "uld":
+            return mlot_kernels.uld_loss_from_hidden(s_hidden, s_weight, student_labels, t_hidden,
+                                                     t_weight, teacher_labels)["loss"]
+        return mlot_kernels.MultiLevelOTLoss(method).from_hidden(
+            s_hidden, s_weight, student_labels, t_hidden, t_weight, teacher_labels)["loss"]
+    return run
+
+
+def _lm_head(method):
+    logits_loss = _from_logits(method)
+
+    def run(s_hidden, s_weight, t_hidden, t_weight, student_labels, teacher_labels):
+        with torch.no_grad():
+            teacher_logits = torch.nn.functional.linear(t_hidden, t_weight)
+        student_logits = torch.nn.functional.linear(s_hidden, s_weight)
+        return logits_loss(student_logits, teacher_logits, student_labels, teacher_labels)
+    return run
+
+
+IMPLS = {"ce": Impl(_ce, "causal_lm_cross_entropy(student_logits, labels): plain cross-entropy, "
+                         "as Hugging Face computes it")}
+for _method, _name in (("paper", "multi_level_ot_loss(preset='paper')"),
+                       ("official", "multi_level_ot_loss(preset='official')"), ("uld", "uld_loss")):
+    IMPLS[_method] = Impl(_from_logits(_method), f"{_name} from the logits")
+    IMPLS[f"{_method}_hidden"] = Impl(_from_hidden(_method), f"{_name} from hidden states and "
+                                      "output embeddings (the logits never built)")
+    IMPLS[f"{_method}_lm_head"] = Impl(_lm_head(_method), "both models' output-layer matmuls "
+                                       f"(the teacher's without gradient), then {_name} from "
+                                       "those logits: what the hidden-state path replaces")
+
+BASELINES = {impl: ("ce" if "_" not in impl else impl.replace("_hidden", "_lm_head"))
+             for impl in IMPLS if impl != "ce" and not impl.endswith("_lm_head")}
+HIDDEN = {impl for impl in IMPLS if impl.endswith(("_hidden", "_lm_head"))}
+
+
+def make_case(batch=4, length=1024, v_student=32000, v_teacher=49152, hidden=1024, answer=300,
+              teacher_answer=310, prompt=500, seed=0, device="cpu"):
+    return dict(batch=batch, length=length, v_student=v_student, v_teacher=v_teacher,
+                hidden=hidden, answer=answer, teacher_answer=teacher_answer, prompt=prompt,
+                seed=seed, device=str(device))
+
+
+def named_cases(device, quick=False):
+    """The suite's case: the issue's size (B = 4, T = 1024, V 32000/49152, H = 1024, answers of
+    300 and 310 tokens)."""
+    if quick:
+        return {"quick": make_case(2, 32, 300, 200, 16, 8, 9, 10, device=device)}
+    return {"T=1024": make_case(device=device)}
+
+
+def _labels(gen, case, answer, vocab):
+    labels = torch.full((case["batch"], case["length"]), IGNORE)
+    labels[:, case["prompt"]:case["prompt"] + answer] = torch.randint(
+        0, vocab, (case["batch"], answer), generator=gen)
+    return labels
+
+
+def make_inputs(case, hidden):
+    """The student's inputs (requires_grad) and the teacher's, then both label tensors:
+    (student_logits, teacher_logits, ...) or (student hidden, weight, teacher hidden, weight, ...)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    device = torch.device(case["device"])
+    batch, length, size = case["batch"], case["length"], case["hidden"]
+    labels = (_labels(gen, case, case["answer"], case["v_student"]).to(device),
+              _labels(gen, case, case["teacher_answer"], case["v_teacher"]).to(device))
+    if not hidden:
+        student = 3 * torch.randn(batch, length, case["v_student"], generator=gen)
+        teacher = 3 * torch.randn(batch, length, case["v_teacher"], generator=gen)
+        return (student.to(device).requires_grad_(), teacher.to(device), *labels)
+    tensors = [torch.randn(batch, length, size, generator=gen),
+               3 * torch.randn(case["v_student"], size, generator=gen) / size ** 0.5,
+               torch.randn(batch, length, size, generator=gen),
+               3 * torch.randn(case["v_teacher"], size, generator=gen) / size ** 0.5]
+    s_hidden, s_weight, t_hidden, t_weight = (t.to(device) for t in tensors)
+    return (s_hidden.requires_grad_(), s_weight.requires_grad_(), t_hidden, t_weight, *labels)
+
+
+def make_case_steps(impl, case, impls=IMPLS):
+    """:class:`benchmarks.steps.Steps` of ``impls[impl]`` on the case."""
+    hidden = impl in HIDDEN
+    inputs = make_inputs(case, hidden)
+    fn = impls[impl].run
+    return make_steps(lambda: fn(*inputs), inputs[:2] if hidden else inputs[:1], case["device"])
+
+
+def student_logits_mib(case):
+    """The size of the student's float32 logits [B, T, V_S] in MiB."""
+    return case["batch"] * case["length"] * case["v_student"] * 4 / 2**20
+
+
+def work(case):
+    """No work model: no fractions of the ceilings."""
+    return dict(flops=None, bytes=None)
+
+
+def shape(case):
+    return (f"{case['batch']}×{case['length']}, V {case['v_student']}/{case['v_teacher']}, "
+            f"H {case['hidden']}, answers {case['answer']}/{case['teacher_answer']}")

@@ -316,14 +316,21 @@ def test_student_vocabulary_below_k_stays_finite(gen, preset):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_half_precision_logits(gen):
-    """bfloat16 logits give the float32 loss of the same values (arithmetic in float32)."""
+@pytest.mark.parametrize("method", ["paper", "official", "uld"])
+def test_half_precision_logits(gen, method):
+    """bfloat16 logits give the float32 loss of the same values (arithmetic in float32), and
+    the gradient of those values in bfloat16."""
     batch = make_batch(gen, [5, 4], [4, 6], 100, 120, dtype=torch.bfloat16)
-    half = mlot_kernels.multi_level_ot_loss(*batch)
-    full = mlot_kernels.multi_level_ot_loss(batch[0].float(), batch[1].float(), *batch[2:])
-    for key in KEYS:
-        assert half[key].dtype == torch.float32
-        torch.testing.assert_close(half[key], full[key], rtol=1e-6, atol=1e-7)
+    fn = mlot_kernels.uld_loss if method == "uld" else mlot_kernels.multi_level_ot_loss
+    options = {} if method == "uld" else dict(preset=method)
+    half = values_and_grads(fn, *batch, **options)
+    full = values_and_grads(fn, batch[0].float(), batch[1].float(), *batch[2:], **options)
+    for key in METHOD_KEYS[method]:
+        assert half[0][key].dtype == torch.float32
+        torch.testing.assert_close(half[0][key], full[0][key], rtol=1e-6, atol=1e-7)
+    for a, e in zip(half[1], full[1]):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, e.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("method", ["paper", "official", "uld"])

@@ -125,17 +125,36 @@ def sinkhorn_launches(case, dtype=torch.float32, config=None):
     return list(launches)
 
 
-def topk_launches(case):
-    """The launches of topk_probs's forward and backward on a topk case."""
+def topk_launches(case, temperatures=None, answers=False, dtype=torch.float32):
+    """The launches of the topk_probs ops on a topk case with ``dtype`` logits and the case's
+    temperature (or ``temperatures``): the public op's (every row, no targets: topk_probs_forward
+    and the backward of probs), or with ``answers`` the losses' (answer_topk_probs): answer rows
+    every other row (the last sequence one short of the others) and targets on the last three
+    quarters of the rows with a hole every fifth, through topk_probs_stats, topk_probs_forward
+    and the backward of probs and ce."""
     from mlot_kernels import triton_topk
 
-    logits = topk_cases.make_inputs(dict(case, device="cpu"))[0].detach()
+    logits = topk_cases.make_inputs(dict(case, device="cpu"))[0].detach().to(dtype)
+    B, L, V = logits.shape
+    temperatures = [case["temperature"]] if temperatures is None else list(temperatures)
+    options = (temperatures, case["std_scale"], case["ranking"])
+    rows = lengths = targets = None
+    if answers:
+        A = L // 2
+        rows = 2 * torch.arange(A) + torch.arange(B)[:, None] % 2
+        lengths = torch.full((B,), A)
+        lengths[-1] = A - 1
+        position = torch.arange(L).expand(B, L)
+        targets = ((7 * position + torch.arange(B)[:, None]) % V).masked_fill(
+            (position < L // 4) | (position % 5 == 4), -100)
     with recording() as launches:
-        probs, indices, row_stats = triton_topk.topk_probs_forward(
-            logits, None, case["k"], case["temperature"], case["std_scale"], case["ranking"])
-        triton_topk.topk_probs_backward(torch.ones_like(probs), logits, None, probs, indices,
-                                        row_stats, case["temperature"], case["std_scale"],
-                                        case["ranking"])
+        if answers:
+            triton_topk.topk_probs_stats(logits, rows, lengths, targets, *options)
+        probs, indices, ce, row_stats = triton_topk.topk_probs_forward(
+            logits, rows, lengths, targets, case["k"], *options)
+        triton_topk.topk_probs_backward(torch.ones_like(probs), torch.ones_like(ce) if answers
+                                        else None, logits, rows, lengths, targets, probs,
+                                        indices, row_stats, *options)
     return list(launches)
 
 
@@ -171,7 +190,8 @@ def _ptxas_log():
 
 def _describe(launch):
     keep = ("DTYPE", "SOFTMAX", "DETACH", "WRITE_POT", "WRITE_NORM", "H_OWN", "ADJOINT", "XA",
-            "BM", "BN", "BO", "BT", "STD_SCALE", "BLOCK_V")
+            "BM", "BN", "BO", "BT", "STD_SCALE", "N_T", "HAS_TGT", "CE_SHARES", "HAS_G", "HAS_CE",
+            "BLOCK_V")
     constexprs = dict(launch.constexprs)
     inputs = [t for name, t in launch.signature if name in ("x_ptr", "own_ptr", "z_ptr")]
     parts = [f"in {inputs[0][1:]}"] if inputs else []
@@ -199,6 +219,12 @@ def cases(quick=False):
     for name, case in topk_cases.named_cases("cuda", quick).items():
         shape = f"{case['batch']}×{case['length']}×{case['vocab']}"
         out.append((f"topk_probs {name} {shape}", topk_launches(case)))
+        out.append((f"topk_probs {name} {shape} answer rows, targets, T=1",
+                    topk_launches(case, answers=True)))
+        for dtype in (torch.float32,) + ((torch.float64,) if quick else ()):
+            out.append((f"topk_probs {name} {shape} answer rows, targets, T=2,1 "
+                        f"{str(dtype).removeprefix('torch.')}",
+                        topk_launches(case, (2.0, 1.0), answers=True, dtype=dtype)))
     return out
 
 

@@ -208,7 +208,7 @@ void check_topk_backward_args(const std::optional<at::Tensor>& grad_probs,
                               const std::optional<at::Tensor>& rows,
                               const std::optional<at::Tensor>& targets, const at::Tensor& probs,
                               const at::Tensor& indices, const at::Tensor& row_stats,
-                              c10::ArrayRef<double> temperatures) {
+                              c10::ArrayRef<double> temperatures, c10::string_view ranking) {
   const int64_t B = logits.size(0), L = logits.size(1);
   const int64_t A = rows.has_value() ? rows->size(1) : L;
   const auto dtype = compute_dtype(logits);
@@ -219,6 +219,13 @@ void check_topk_backward_args(const std::optional<at::Tensor>& grad_probs,
                   row_stats.scalar_type() == dtype && indices.scalar_type() == at::kLong,
               "topk_probs_backward: probs, indices and row_stats must be those topk_probs_forward "
               "gives for these logits, rows and temperatures");
+  const int64_t k = probs.size(3);
+  const std::vector<int64_t> index_shape =
+      ranking == "token" ? std::vector<int64_t>{n_t, B, A, k}
+      : ranking == "sequence" ? std::vector<int64_t>{n_t, B, k} : std::vector<int64_t>{n_t, k};
+  TORCH_CHECK(indices.sizes() == at::IntArrayRef(index_shape), "topk_probs_backward: indices "
+              "must have the shape ", at::IntArrayRef(index_shape), " topk_probs_forward gives "
+              "for ranking '", ranking, "', got ", indices.sizes());
   TORCH_CHECK(!grad_probs.has_value() || grad_probs->sizes() == probs.sizes(),
               "topk_probs_backward: grad_probs must have the shape of probs ", probs.sizes(),
               ", got ", grad_probs->sizes());

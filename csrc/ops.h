@@ -50,7 +50,7 @@ void check_topk_backward_args(const std::optional<at::Tensor>& grad_probs,
                               const std::optional<at::Tensor>& rows,
                               const std::optional<at::Tensor>& targets, const at::Tensor& probs,
                               const at::Tensor& indices, const at::Tensor& row_stats,
-                              c10::ArrayRef<double> temperatures);
+                              c10::ArrayRef<double> temperatures, c10::string_view ranking);
 
 // Valid lengths as an int64 CPU tensor [B]: `lengths` checked to lie in
 // [0, size], or `size` everywhere when absent; errors name the op `op`. Reads

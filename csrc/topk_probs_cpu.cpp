@@ -407,7 +407,7 @@ at::Tensor topk_probs_backward_cpu(
     const at::Tensor& probs, const at::Tensor& indices, const at::Tensor& row_stats,
     c10::ArrayRef<double> temperatures, bool std_scale, c10::string_view ranking) {
   check_topk_backward_args(grad_probs, grad_ce, logits, rows, targets, probs, indices, row_stats,
-                           temperatures);
+                           temperatures, ranking);
   check_cpu(logits);
   const at::Tensor z = unit_column_stride(logits);
   const RowMap m = topk_row_map(z, rows, lengths, targets);

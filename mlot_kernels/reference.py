@@ -116,7 +116,7 @@ def answer_topk_probs(logits, rows, lengths=None, targets=None, k=50, temperatur
     batch, length, _ = logits.shape
     if rows is None:
         rows = torch.arange(length, device=logits.device).expand(batch, length)
-    answers = logits[torch.arange(batch, device=logits.device)[:, None], rows]
+    answers = logits[torch.arange(batch, device=logits.device)[:, None], rows.clamp(0, length - 1)]
     if lengths is not None:  # rows past the lengths may hold anything: never read
         valid = torch.arange(rows.shape[1], device=logits.device)[None, :] < lengths[:, None]
         answers = torch.where(valid[..., None], answers, torch.zeros((), dtype=logits.dtype,
@@ -152,7 +152,7 @@ def uld_distance(student_logits, student_rows, student_targets, teacher_logits, 
 
     batch, answers = student_rows.shape
     zero = student_logits.new_zeros((), dtype=dtype)  # past the lengths: never read
-    rows = [(sorted_probs(student_logits[b, student_rows[b, i]]) -
+    rows = [(sorted_probs(student_logits[b, student_rows[b, i]]) -  # valid pairs only
              sorted_probs(teacher_logits[b, teacher_rows[b, i]])).abs().sum()
             if i < int(lengths[b]) else zero for b in range(batch) for i in range(answers)]
     distance = torch.stack(rows).reshape(batch, answers) if rows else zero.expand(batch, answers)

@@ -339,7 +339,8 @@ std::tuple<at::Tensor, at::Tensor> uld_backward_cpu(
     const at::Tensor& teacher_sign, double temperature, bool teacher_grad) {
   check_cpu(student_logits);
   const at::Tensor zs = unit_column_stride(student_logits);
-  const at::Tensor zt = unit_column_stride(teacher_logits);
+  // Without its gradient the teacher's logits are not read (a broadcast tensor will do).
+  const at::Tensor zt = teacher_grad ? unit_column_stride(teacher_logits) : teacher_logits;
   const auto [ms, mt] = uld_row_maps(zs, student_rows, student_targets, zt, teacher_rows, lengths);
   const auto dtype = uld_compute_dtype(zs, zt);
   const at::Tensor gd = grad_distance.has_value() ? grad_distance->to(dtype).contiguous() : at::Tensor();

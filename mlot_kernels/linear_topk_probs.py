@@ -188,6 +188,7 @@ def _setup_context(ctx, inputs, output):
     hidden, weight, bias, rows, lengths, targets, _k, temperatures, std_scale, ranking = inputs
     probs, indices, _ce, row_stats = output
     ctx.mark_non_differentiable(indices, row_stats)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs not used
     ctx.save_for_backward(hidden, weight, bias, rows, lengths, targets, probs, indices, row_stats)
     ctx.options = (temperatures, std_scale, ranking)
 

@@ -28,10 +28,16 @@ class _Chunk:
         self.teacher_flat = ((self.slots // answers) * teacher_length +
                              teacher_rows.reshape(-1)[self.slots])  # their teacher rows
 
-    def logits(self, student_rows, teacher, teacher_weight, teacher_bias, length, weight, bias):
-        """(student logits [1, C, V_S], teacher logits [1, P, V_T]) of the chunk."""
+    def logits(self, student_rows, teacher, teacher_weight, teacher_bias, length, weight, bias,
+               teacher_logits=True):
+        """(student logits [1, C, V_S], teacher logits [1, P, V_T], teacher hidden rows) of the
+        chunk; without ``teacher_logits`` (a backward with no teacher gradient, which reads
+        only their shape) the teacher's are a broadcast zero, no memory."""
         z_s = row_chunks.project(student_rows, weight, bias)[None]
         t_hidden = teacher[self.teacher_flat // length, self.teacher_flat % length]
+        if not teacher_logits:
+            shape = (1, len(self.teacher_flat), teacher_weight.shape[0])
+            return z_s, z_s.new_zeros(()).expand(shape), t_hidden
         return z_s, row_chunks.project(t_hidden, teacher_weight, teacher_bias)[None], t_hidden
 
     def args(self, targets):
@@ -141,7 +147,8 @@ def linear_uld_backward(grad_distance: Optional[torch.Tensor], grad_ce: Optional
     for start, end in plan:
         chunk = _Chunk(read, start, end, teacher_rows, l_t, answers)
         z_s, z_t, t_hidden = chunk.logits(h_read[start:end], teacher_hidden, teacher_weight,
-                                          teacher_bias, l_t, student_weight, student_bias)
+                                          teacher_bias, l_t, student_weight, student_bias,
+                                          teacher_logits=teacher_grad)
         rows_s, targets, rows_t, pairs = chunk.args(student_targets)
         g_s, g_t = torch.ops.mlot.uld_backward(
             None if flat_grad is None else flat_grad[chunk.slots][None],
@@ -169,6 +176,7 @@ def _backward_fake(grad_distance, grad_ce, student_hidden, student_weight, stude
 def _setup_context(ctx, inputs, output):
     *tensors, temperature, _teacher_grad = inputs
     ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs not used
     ctx.save_for_backward(*tensors, *output[2:])
     ctx.temperature = temperature
 

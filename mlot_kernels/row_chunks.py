@@ -3,9 +3,13 @@
 The losses' hidden-state paths (:mod:`mlot_kernels.linear_topk_probs`,
 :mod:`mlot_kernels.linear_uld_distance`) compute the logits ``hidden @ weight.T + bias`` only at
 the rows they read, a chunk of rows at a time: no [rows, V] buffer beyond one chunk lives at
-once. A chunk holds about ``max(CHUNK_ELEMENTS, rows * H)`` logits, so it is never larger than
-the gathered hidden states themselves (or 4M logits), and ``weight`` is read about ``V / H``
-times per pass (the chunk size of Liger-Kernel's fused linear losses).
+once. A chunk holds about ``max(rows * H, V * H / WEIGHT_FRACTION)`` logits: as many as the
+gathered hidden states (Liger-Kernel's fused linear losses size their chunks so), but at least a
+sixteenth of the output embedding's entries. Each chunk's matmul streams the whole ``weight``,
+which is so read about ``min(V / H, WEIGHT_FRACTION * rows / H)`` times per pass; smaller chunks
+make the matmuls memory-bound (on a 2-core CPU, 25-row chunks of a [32000, 1024] embedding ran
+at a quarter of the float32 matmul rate). The backward holds a chunk's logits and their
+gradient: at most an eighth of the weight's gradient, which it holds anyway.
 """
 
 from typing import NamedTuple
@@ -13,7 +17,8 @@ from typing import NamedTuple
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 22
+WEIGHT_FRACTION = 16
+CHUNK_ROWS = None  # rows per chunk, when set (the tests force small chunks with it)
 
 
 class ReadRows(NamedTuple):
@@ -42,11 +47,12 @@ def read_rows(batch, length, rows, lengths, targets=None):
     return ReadRows(flat, slot[flat], target[flat])
 
 
-def chunks(n_rows, vocab, hidden_size, chunk_elements=None):
-    """Consecutive [start, end) ranges covering n_rows rows of about
-    max(CHUNK_ELEMENTS, n_rows * hidden_size) logits each."""
-    budget = max(chunk_elements or CHUNK_ELEMENTS, n_rows * hidden_size)
-    size = max(1, budget // max(vocab, 1))
+def chunks(n_rows, vocab, hidden_size):
+    """Consecutive [start, end) ranges covering n_rows rows, of about
+    max(n_rows * hidden_size, vocab * hidden_size / WEIGHT_FRACTION) logits each (``vocab``:
+    the logits a row has, both models' for ULD)."""
+    budget = max(n_rows * hidden_size, vocab * hidden_size // WEIGHT_FRACTION)
+    size = CHUNK_ROWS or max(1, budget // max(vocab, 1))
     return [(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
 
 

@@ -65,11 +65,14 @@ def _setup_context(ctx, inputs, output):
     x, y, x_lengths, y_lengths, epsilon, _n_iters, temperature, p, unit_marginals, detach_plan = inputs
     _loss, f_hist, g_hist = output
     ctx.mark_non_differentiable(f_hist, g_hist)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs not used
     ctx.save_for_backward(x, y, x_lengths, y_lengths, f_hist, g_hist)
     ctx.options = (epsilon, temperature, p, unit_marginals, detach_plan)
 
 
 def _backward(ctx, grad_loss, _grad_f_hist, _grad_g_hist):
+    if grad_loss is None:
+        return (None,) * 10
     x, y, x_lengths, y_lengths, f_hist, g_hist = ctx.saved_tensors
     grad_x, grad_y = torch.ops.mlot.sinkhorn_backward(
         grad_loss, x, y, x_lengths, y_lengths, f_hist, g_hist, *ctx.options

@@ -111,6 +111,7 @@ def _setup_context(ctx, inputs, output):
     logits, rows, lengths, targets, _k, temperatures, std_scale, ranking = inputs
     probs, indices, _ce, row_stats = output
     ctx.mark_non_differentiable(indices, row_stats)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs not used
     ctx.save_for_backward(logits, rows, lengths, targets, probs, indices, row_stats)
     ctx.options = (temperatures, std_scale, ranking)
 

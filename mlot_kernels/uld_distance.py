@@ -73,6 +73,7 @@ def _setup_context(ctx, inputs, output):
      temperature, teacher_grad) = inputs
     _distance, _ce, s_stats, s_sign, t_stats, t_sign = output
     ctx.mark_non_differentiable(s_stats, s_sign, t_stats, t_sign)
+    ctx.set_materialize_grads(False)  # no zero gradients for the outputs not used
     ctx.save_for_backward(student_logits, student_rows, student_targets, teacher_logits,
                           teacher_rows, lengths, s_stats, s_sign, t_stats, t_sign)
     ctx.options = (temperature, teacher_grad)

@@ -40,12 +40,12 @@ def topk_outputs_and_grads(fn, tensors, args, gen_seed=0):
     return (probs.detach(), indices, ce.detach()), grads
 
 
-@pytest.mark.parametrize("chunk", [1, 40, 1 << 22], ids=["row", "rows", "one"])
+@pytest.mark.parametrize("chunk", [1, 4, None], ids=["row", "rows", "default"])
 @pytest.mark.parametrize("ranking", RANKINGS)
 def test_linear_topk_probs_in_any_chunking(gen, ranking, chunk, monkeypatch):
-    """Chunks of one row, of a few rows across sequences, or one chunk: the logits op's results
+    """Chunks of one row, of a few rows across sequences, or the default: the logits op's results
     on the built logits (float64 to rounding), and the gradients of hidden, weight and bias."""
-    monkeypatch.setattr(row_chunks, "CHUNK_ELEMENTS", chunk * 40)
+    monkeypatch.setattr(row_chunks, "CHUNK_ROWS", chunk)
     hidden, weight, bias = model(gen, 3, 8, 6, 40)
     rows, lengths, targets = answers(gen, 3, 8, 5, 40)
     args = (rows, lengths, targets, 6, (1.0, 2.0), True, ranking)
@@ -118,7 +118,7 @@ def test_compile_matches_eager(gen):
 def test_rows_not_read(gen, monkeypatch):
     """Hidden states of rows that are neither answer nor target rows are never read: NaN there
     changes nothing, and their gradient is exactly 0."""
-    monkeypatch.setattr(row_chunks, "CHUNK_ELEMENTS", 2 * 30)
+    monkeypatch.setattr(row_chunks, "CHUNK_ROWS", 2)
     hidden, weight, bias = model(gen, 3, 8, 5, 30, torch.float32)
     rows, lengths, targets = answers(gen, 3, 8, 4, 30)
     read = targets != -100
@@ -136,7 +136,7 @@ def test_rows_not_read(gen, monkeypatch):
 def test_linear_uld_in_any_chunking(gen, monkeypatch):
     """linear_uld in chunks of one row equals uld_distance on the built logits, both models'
     gradients included."""
-    monkeypatch.setattr(row_chunks, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(row_chunks, "CHUNK_ROWS", 1)
     student = model(gen, 3, 8, 6, 40)
     teacher = model(gen, 3, 7, 5, 55)
     s_rows, lengths, targets = answers(gen, 3, 8, 4, 40)

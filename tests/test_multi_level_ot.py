@@ -147,7 +147,7 @@ METHOD_KEYS = {"paper": KEYS, "official": KEYS, "uld": ("loss", "ce", "distill",
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of a few rows, so that the hidden-state path runs over many of them."""
-    monkeypatch.setattr(row_chunks, "CHUNK_ELEMENTS", 3 * 90)
+    monkeypatch.setattr(row_chunks, "CHUNK_ROWS", 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

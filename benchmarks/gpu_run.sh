@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_run.sh wheels    # here, with network: the report's peers as wheels in .whl/
 #   bash benchmarks/gpu_run.sh test      # there: the CUDA tests and the sm_90 compile check
 #   bash benchmarks/gpu_run.sh report    # there: python -m benchmarks.report --device cuda
-#   bash benchmarks/gpu_run.sh suites    # there: the three pytest-benchmark suites on CUDA
+#   bash benchmarks/gpu_run.sh suites    # there: the four pytest-benchmark suites on CUDA
 #
 # Each GPU stage builds the C++ library for that machine's torch when it does not import yet,
 # installs the wheels of .whl/ (POT, GeomLoss, KeOps) when present, and leaves its log and a
@@ -63,7 +63,7 @@ case "$stage" in
 test)
     # -rs lists every skip: on a GPU, none of the CUDA tests may be skipped.
     step timeout 420 "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_sinkhorn_cuda.py \
-        tests/test_topk_probs_cuda.py --junitxml="$OUT/cuda-tests.xml"
+        tests/test_topk_probs_cuda.py tests/test_loss_cuda.py --junitxml="$OUT/cuda-tests.xml"
     step env -u TRITON_INTERPRET timeout 240 "$PYTHON" -m benchmarks.kernel_resources --quick \
         --json "$OUT/kernel-resources-quick.json" --out "$OUT/kernel-resources-quick.md" >/dev/null
     ;;
@@ -72,7 +72,7 @@ report)
     ;;
 suites)
     tag=$("$PYTHON" -c "from benchmarks.report import tag; print(tag('cuda'))")
-    for suite in sinkhorn topk_probs loss; do
+    for suite in sinkhorn topk_probs loss loss_cost; do
         step timeout 180 env MLOT_BENCH_DEVICE=cuda "$PYTHON" -m pytest -q -p no:cacheprovider \
             "benchmarks/test_$suite.py" --benchmark-json "$OUT/$tag-${suite//_/-}.json"
     done

@@ -8,7 +8,8 @@ hidden states, and per sequence ``answer`` labelled student tokens (the teacher'
 ``teacher_answer`` tokens: another tokenizer splits the same text differently) after a prompt of
 ``prompt`` tokens, the rest -100. The logits implementations get float32 logits [B, T, V] = 3 *
 standard normal; the hidden ones hidden states [B, T, H] (standard normal) and output embeddings
-[V, H] (normal, std 3 / sqrt(H), so that the logits spread alike), without bias. The objective is
+[V, H] (normal, std 3 / sqrt(H), so that the logits spread alike), without bias; all in the
+case's dtype (float32 on CPU, bfloat16 on CUDA). The objective is
 the total loss (cross-entropy + distillation), differentiated with respect to the student's
 inputs: its logits, or its hidden states and output embedding; the teacher is frozen.
 
@@ -78,17 +79,21 @@ HIDDEN = {impl for impl in IMPLS if impl.endswith(("_hidden", "_lm_head"))}
 
 
 def make_case(batch=4, length=1024, v_student=32000, v_teacher=49152, hidden=1024, answer=300,
-              teacher_answer=310, prompt=500, seed=0, device="cpu"):
+              teacher_answer=310, prompt=500, dtype="float32", seed=0, device="cpu"):
     return dict(batch=batch, length=length, v_student=v_student, v_teacher=v_teacher,
                 hidden=hidden, answer=answer, teacher_answer=teacher_answer, prompt=prompt,
-                seed=seed, device=str(device))
+                dtype=dtype, seed=seed, device=str(device))
 
 
 def named_cases(device, quick=False):
-    """The suite's case: the issue's size (B = 4, T = 1024, V 32000/49152, H = 1024, answers of
-    300 and 310 tokens)."""
+    """The case: on CPU B = 4, T = 1024, V 32000/49152, H = 1024, answers of 300 and 310 tokens,
+    float32; on CUDA B = 8, T = 2048, V 32000/128256 (a Llama-3 teacher), H = 4096, answers of
+    600 and 620 tokens, bfloat16."""
     if quick:
         return {"quick": make_case(2, 32, 300, 200, 16, 8, 9, 10, device=device)}
+    if torch.device(device).type == "cuda":
+        return {"T=2048": make_case(8, 2048, 32000, 128256, 4096, 600, 620, 1000, "bfloat16",
+                                    device=device)}
     return {"T=1024": make_case(device=device)}
 
 
@@ -103,19 +108,19 @@ def make_inputs(case, hidden):
     """The student's inputs (requires_grad) and the teacher's, then both label tensors:
     (student_logits, teacher_logits, ...) or (student hidden, weight, teacher hidden, weight, ...)."""
     gen = torch.Generator().manual_seed(case["seed"])
-    device = torch.device(case["device"])
+    device, dtype = torch.device(case["device"]), getattr(torch, case["dtype"])
     batch, length, size = case["batch"], case["length"], case["hidden"]
     labels = (_labels(gen, case, case["answer"], case["v_student"]).to(device),
               _labels(gen, case, case["teacher_answer"], case["v_teacher"]).to(device))
     if not hidden:
         student = 3 * torch.randn(batch, length, case["v_student"], generator=gen)
         teacher = 3 * torch.randn(batch, length, case["v_teacher"], generator=gen)
-        return (student.to(device).requires_grad_(), teacher.to(device), *labels)
+        return (student.to(device, dtype).requires_grad_(), teacher.to(device, dtype), *labels)
     tensors = [torch.randn(batch, length, size, generator=gen),
                3 * torch.randn(case["v_student"], size, generator=gen) / size ** 0.5,
                torch.randn(batch, length, size, generator=gen),
                3 * torch.randn(case["v_teacher"], size, generator=gen) / size ** 0.5]
-    s_hidden, s_weight, t_hidden, t_weight = (t.to(device) for t in tensors)
+    s_hidden, s_weight, t_hidden, t_weight = (t.to(device, dtype) for t in tensors)
     return (s_hidden.requires_grad_(), s_weight.requires_grad_(), t_hidden, t_weight, *labels)
 
 
@@ -128,8 +133,9 @@ def make_case_steps(impl, case, impls=IMPLS):
 
 
 def student_logits_mib(case):
-    """The size of the student's float32 logits [B, T, V_S] in MiB."""
-    return case["batch"] * case["length"] * case["v_student"] * 4 / 2**20
+    """The size of the student's logits [B, T, V_S] in MiB, in the case's dtype."""
+    size = torch.empty((), dtype=getattr(torch, case["dtype"])).element_size()
+    return case["batch"] * case["length"] * case["v_student"] * size / 2**20
 
 
 def work(case):
@@ -138,5 +144,6 @@ def work(case):
 
 
 def shape(case):
+    dtype = "" if case["dtype"] == "float32" else f", {case['dtype']}"
     return (f"{case['batch']}×{case['length']}, V {case['v_student']}/{case['v_teacher']}, "
-            f"H {case['hidden']}, answers {case['answer']}/{case['teacher_answer']}")
+            f"H {case['hidden']}, answers {case['answer']}/{case['teacher_answer']}{dtype}")

@@ -296,7 +296,9 @@ def run(device, quick=False, log=print, on_section=None):
 
 
 def _cell(value, fmt):
-    return "–" if value is None else format(value, fmt)
+    """``value`` formatted (a trailing '×' of ``fmt`` is kept), or '–' for None."""
+    suffix = "×" if fmt.endswith("×") else ""
+    return "–" if value is None else format(value, fmt.rstrip("×")) + suffix
 
 
 def render(report):
@@ -350,9 +352,9 @@ def _render_baselines(section):
             cells = [row["skipped"], "", "", "", "", ""]
         else:
             cells = [f"{row['median_ms']:.2f}", row.get("baseline", "–"),
-                     _cell(row.get("time_ratio"), ".2f") + "×", f"{row['peak_extra_mib']:.1f}",
-                     _cell(row.get("baseline_memory_ratio"), ".2f") + "×",
-                     _cell(row.get("logits_ratio"), ".2f") + "×"]
+                     _cell(row.get("time_ratio"), ".2f×"), f"{row['peak_extra_mib']:.1f}",
+                     _cell(row.get("baseline_memory_ratio"), ".2f×"),
+                     _cell(row.get("logits_ratio"), ".2f×")]
         lines.append("| " + " | ".join([row["case"], row["shape"], row["impl"], *cells]) + " |")
     return lines
 

@@ -106,7 +106,7 @@ def test_readme_has_the_committed_report_tables(path):
     assert lines and not [line for line in lines if line not in readme]
 
 
-@pytest.mark.parametrize("name", ["sinkhorn", "topk-probs", "loss"])
+@pytest.mark.parametrize("name", ["sinkhorn", "topk-probs", "loss", "loss-cost"])
 def test_readme_has_the_committed_suite_tables(name):
     """Every table row summarised from a committed pytest-benchmark suite is in the README."""
     path = os.path.join(ROOT, "benchmarks", "results", f"cpu-{name}.json")

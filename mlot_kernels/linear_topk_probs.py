@@ -26,14 +26,9 @@ import torch
 
 from mlot_kernels import row_chunks
 from mlot_kernels.sinkhorn import _compute_dtype
-from mlot_kernels.topk_probs import AnswerProbs, _indices_shape, stats_size
+from mlot_kernels.topk_probs import BASE_STATS, AnswerProbs, _indices_shape, stats_size
 
-_MAX, _SCALE = 0, 1  # row_stats columns (mlot_kernels.topk_probs)
-
-
-def _log_sum_col(t):
-    return 5 + 2 * t
-
+_MAX, _SCALE = 0, 1  # row_stats columns (mlot_kernels.topk_probs); log_sum_t at BASE_STATS + 2 t
 
 def _segments(sequence):
     """[(start, end, b)]: the runs of equal values of ``sequence`` (host)."""
@@ -116,7 +111,7 @@ def linear_topk_probs_forward(hidden: torch.Tensor, weight: torch.Tensor,
                                              rows.clamp(0, length - 1)]  # [B, A, S]
     inv_tau = torch.tensor(temperatures, dtype=dtype, device=device).reciprocal()
     f = inv_tau[:, None, None, None] / stats[None, ..., _SCALE, None]
-    log_sum = torch.stack([stats[..., _log_sum_col(t)] for t in range(n_t)])[..., None]
+    log_sum = torch.stack([stats[..., BASE_STATS + 2 * t] for t in range(n_t)])[..., None]
     probs = torch.exp((chosen.to(dtype) - stats[None, ..., _MAX, None]) * f - log_sum)
     probs = torch.where(valid[None, ..., None] & columns_kept, probs, 0)
     return probs, indices, ce.view(batch, length), row_stats.view(batch, length, -1)

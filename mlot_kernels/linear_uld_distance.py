@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from mlot_kernels import row_chunks
-from mlot_kernels.uld_distance import STATS, _compute_dtype
+from mlot_kernels.uld_distance import STATS, _compute_dtype, forward_outputs
 
 
 class _Chunk:
@@ -76,13 +76,8 @@ def linear_uld_forward(student_hidden: torch.Tensor, student_weight: torch.Tenso
     answers = student_rows.shape[1]
     dtype = _compute_dtype(student_hidden, teacher_hidden)
     device = student_hidden.device
-    distance = torch.zeros(batch * answers, dtype=dtype, device=device)
-    ce = torch.zeros(batch * l_s, dtype=dtype, device=device)
-    s_stats = torch.zeros(batch * l_s, STATS, dtype=dtype, device=device)
-    t_stats = torch.zeros(batch * l_t, STATS, dtype=dtype, device=device)
-    s_sign = torch.zeros(batch * answers, v_s, dtype=torch.int8, device=device)
-    t_sign = torch.zeros(batch * answers, v_t if teacher_grad else 0, dtype=torch.int8,
-                         device=device)
+    outputs = forward_outputs(batch, l_s, l_t, answers, v_s, v_t, teacher_grad, dtype, device)
+    distance, ce, s_stats, s_sign, t_stats, t_sign = (o.flatten(0, 1) for o in outputs)
     read, plan = _plan(student_hidden, student_weight, teacher_weight, student_rows, lengths,
                        student_targets)
     h_read = student_hidden[read.flat // l_s, read.flat % l_s]
@@ -97,9 +92,7 @@ def linear_uld_forward(student_hidden: torch.Tensor, student_weight: torch.Tenso
         s_sign[chunk.slots], t_stats[chunk.teacher_flat] = out[3][0], out[4][0]
         if teacher_grad:
             t_sign[chunk.slots] = out[5][0]
-    return (distance.view(batch, answers), ce.view(batch, l_s), s_stats.view(batch, l_s, STATS),
-            s_sign.view(batch, answers, v_s), t_stats.view(batch, l_t, STATS),
-            t_sign.view(batch, answers, t_sign.shape[1]))
+    return outputs
 
 
 @linear_uld_forward.register_fake
@@ -107,15 +100,9 @@ def _forward_fake(student_hidden, student_weight, student_bias, student_rows, st
                   teacher_hidden, teacher_weight, teacher_bias, teacher_rows, lengths,
                   temperature, teacher_grad):
     batch, l_s, _ = student_hidden.shape
-    l_t = teacher_hidden.shape[1]
-    answers = student_rows.shape[1]
-    dtype = _compute_dtype(student_hidden, teacher_hidden)
-    new = student_hidden.new_empty
-    return (new(batch, answers, dtype=dtype), new(batch, l_s, dtype=dtype),
-            new(batch, l_s, STATS, dtype=dtype),
-            new(batch, answers, student_weight.shape[0], dtype=torch.int8),
-            new(batch, l_t, STATS, dtype=dtype),
-            new(batch, answers, teacher_weight.shape[0] if teacher_grad else 0, dtype=torch.int8))
+    return forward_outputs(batch, l_s, teacher_hidden.shape[1], student_rows.shape[1],
+                           student_weight.shape[0], teacher_weight.shape[0], teacher_grad,
+                           _compute_dtype(student_hidden, teacher_hidden), student_hidden.device)
 
 
 @torch.library.custom_op("mlot::linear_uld_backward", mutates_args=())

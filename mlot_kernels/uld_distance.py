@@ -46,18 +46,26 @@ def _compute_dtype(student_logits, teacher_logits):
         else torch.float32
 
 
+def forward_outputs(batch, l_s, l_t, answers, v_s, v_t, teacher_grad, dtype, device):
+    """``mlot::uld_forward``'s six outputs, zero: distance [B, A], ce [B, L_S], the student's
+    row stats [B, L_S, STATS] and int8 signs [B, A, V_S], the teacher's row stats
+    [B, L_T, STATS] and signs [B, A, V_T] (V_T = 0 without ``teacher_grad``)."""
+    return (torch.zeros(batch, answers, dtype=dtype, device=device),
+            torch.zeros(batch, l_s, dtype=dtype, device=device),
+            torch.zeros(batch, l_s, STATS, dtype=dtype, device=device),
+            torch.zeros(batch, answers, v_s, dtype=torch.int8, device=device),
+            torch.zeros(batch, l_t, STATS, dtype=dtype, device=device),
+            torch.zeros(batch, answers, v_t if teacher_grad else 0, dtype=torch.int8,
+                        device=device))
+
+
 @torch.library.register_fake("mlot::uld_forward")
 def _uld_forward_fake(student_logits, student_rows, student_targets, teacher_logits,
                       teacher_rows, lengths, temperature, teacher_grad):
     batch, l_s, v_s = student_logits.shape
     _, l_t, v_t = teacher_logits.shape
-    answers = student_rows.shape[1]
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    new = student_logits.new_empty
-    return (new(batch, answers, dtype=dtype), new(batch, l_s, dtype=dtype),
-            new(batch, l_s, STATS, dtype=dtype), new(batch, answers, v_s, dtype=torch.int8),
-            new(batch, l_t, STATS, dtype=dtype),
-            new(batch, answers, v_t if teacher_grad else 0, dtype=torch.int8))
+    return forward_outputs(batch, l_s, l_t, student_rows.shape[1], v_s, v_t, teacher_grad,
+                           _compute_dtype(student_logits, teacher_logits), student_logits.device)
 
 
 @torch.library.register_fake("mlot::uld_backward")
@@ -151,13 +159,8 @@ def uld_forward_chunked(student_logits, student_rows, student_targets, teacher_l
     vocab = max(v_s, v_t)
     device = student_logits.device
     zs, zt = _flat(student_logits), _flat(teacher_logits)
-    distance = torch.zeros(batch * answers, dtype=dtype, device=device)
-    ce = torch.zeros(batch * l_s, dtype=dtype, device=device)
-    s_stats = torch.zeros(batch * l_s, STATS, dtype=dtype, device=device)
-    t_stats = torch.zeros(batch * l_t, STATS, dtype=dtype, device=device)
-    s_sign = torch.zeros(batch * answers, v_s, dtype=torch.int8, device=device)
-    t_sign = torch.zeros(batch * answers, v_t if teacher_grad else 0, dtype=torch.int8,
-                         device=device)
+    outputs = forward_outputs(batch, l_s, l_t, answers, v_s, v_t, teacher_grad, dtype, device)
+    distance, ce, s_stats, s_sign, t_stats, t_sign = (o.flatten(0, 1) for o in outputs)
     pairs, read = _row_lists(student_logits, student_rows, student_targets, teacher_logits,
                              teacher_rows, lengths)
     for chunk in _chunks(pairs, vocab):
@@ -185,9 +188,7 @@ def uld_forward_chunked(student_logits, student_rows, student_targets, teacher_l
         log_sum = torch.log(torch.exp(z - mx[:, None]).sum(-1))
         s_stats[r, 0], s_stats[r, 2] = mx, log_sum
         ce[r] = log_sum + mx - z.gather(1, y[:, None])[:, 0]
-    return (distance.view(batch, answers), ce.view(batch, l_s), s_stats.view(batch, l_s, STATS),
-            s_sign.view(batch, answers, v_s), t_stats.view(batch, l_t, STATS),
-            t_sign.view(batch, answers, t_sign.shape[1]))
+    return outputs
 
 
 def _softmax(z, temperature):

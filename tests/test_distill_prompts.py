@@ -33,7 +33,13 @@ def test_chat_template_builds_user_and_assistant_turns(tiny):
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     shot, example = demo_examples(2, seed=6)
     assert prompt(tokenizer, example, [shot]) == (
-        f"<user>{query(shot)}<assistant> {shot.answer}<user>{query(example)}<assistant>")
+        f"<user>{query(shot)}<assistant>{shot.answer}<user>{query(example)}<assistant>")
+    assert prompt(tokenizer, example) == f"<user>{query(example)}<assistant>"
+    with pytest.raises(ValueError, match="writes no token after an assistant turn"):
+        encode(tokenizer, prompt(tokenizer, example), example.answer, 512)
+    tokenizer.chat_template = "{% for m in messages %}{{ m.role }}{% endfor %}"
+    with pytest.raises(ValueError, match="does not write an assistant turn's content"):
+        prompt(tokenizer, example)
 
 
 def test_labels_are_the_answer_and_eos_only(tokenizer):

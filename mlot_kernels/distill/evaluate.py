@@ -3,14 +3,15 @@
 import torch
 
 from mlot_kernels.distill.metrics import first_line, score
-from mlot_kernels.distill.prompts import encode_prompt, left_pad, prompt
+from mlot_kernels.distill.prompts import answer_end_id, encode_prompt, left_pad, prompt
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_length):
     """The first line of ``model``'s greedy continuation of each prompt text.
 
-    Prompts are batched by length (left-padded); decoding stops at the token budget, at eos, or
+    Prompts are batched by length (left-padded); decoding stops at the token budget, at the
+    answer's end token (:func:`answer_end_id`), or
     once a sequence has written a newline (what follows it is dropped anyway).
     """
     was_training = model.training
@@ -25,7 +26,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, batch_size, max_length):
                                                       tokenizer.pad_token_id).items()}
         tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id, stop_strings=["\n"],
+                                eos_token_id=answer_end_id(tokenizer), stop_strings=["\n"],
                                 tokenizer=tokenizer)
         new = tokens[:, batch["input_ids"].shape[1]:]
         for i, row in zip(chunk, new):

@@ -1,10 +1,13 @@
 """Prompts and answer-only labels (``../shared/docs/method.md``, "Reported results").
 
-The student sees a zero-shot prompt ``Context: ...\\nQuestion: ...\\nAnswer:``; the teacher the
-same query after ``shots`` worked examples (a few-shot prompt; through the tokenizer's chat
-template, one user/assistant turn per example, when the tokenizer has one). Either model's
-sequence is its prompt followed by `` {answer}{eos}``; the labels are the answer tokens and
-``eos``, -100 on the prompt and padding (the Hugging Face convention).
+The student sees a zero-shot prompt ``Context: ...\nQuestion: ...\nAnswer:``; the teacher the
+same query after ``shots`` worked examples (a few-shot prompt). A tokenizer with a chat template
+gets every prompt through it, zero-shot too: one user turn per query, one assistant turn per
+worked answer, then what the template writes before an assistant turn's content. Either model's sequence is its prompt followed by its
+answer and the token that ends an answer (:func:`answer_end_id`): `` {answer}{eos}`` without a
+chat template, ``{answer}{end of turn}`` with one (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for
+Llama 3). The labels are the answer tokens and that end token, -100 on the prompt and padding
+(the Hugging Face convention).
 """
 
 import dataclasses
@@ -15,22 +18,68 @@ from mlot_kernels.answers import IGNORE_INDEX
 
 
 def query(example):
-    """The zero-shot QA prompt of one example."""
-    return f"Context: {example.context}\nQuestion: {example.question}\nAnswer:"
+    """The zero-shot QA prompt of one example (without its ``Context:`` line when it has none:
+    closed-book QA)."""
+    context = f"Context: {example.context}\n" if example.context else ""
+    return f"{context}Question: {example.question}\nAnswer:"
+
+
+def templated(tokenizer):
+    """Whether ``tokenizer`` renders prompts through a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def answer_text(tokenizer, answer):
+    """An answer as it follows its prompt: after a space behind ``Answer:``, or as the whole
+    content of an assistant turn."""
+    return answer if templated(tokenizer) else f" {answer}"
 
 
 def prompt(tokenizer, example, shots=()):
-    """``example``'s prompt after the worked examples ``shots`` (zero-shot when empty)."""
-    if not shots:
-        return query(example)
-    if getattr(tokenizer, "chat_template", None):
+    """``example``'s prompt after the worked examples ``shots`` (zero-shot when empty), through
+    ``tokenizer``'s chat template when it has one: the template's rendering of the conversation
+    up to the answer's content, so that prompt and answer are exactly what the template writes
+    (Qwen3's empty ``<think>`` block included)."""
+    if templated(tokenizer):
         turns = []
         for shot in shots:
             turns += [dict(role="user", content=query(shot)),
-                      dict(role="assistant", content=f" {shot.answer}")]
+                      dict(role="assistant", content=answer_text(tokenizer, shot.answer))]
         turns.append(dict(role="user", content=query(example)))
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{query(shot)} {shot.answer}\n\n" for shot in shots) + query(example)
+        return _around_answer(tokenizer, turns)[0]
+    return "".join(f"{query(shot)}{answer_text(tokenizer, shot.answer)}\n\n" for shot in shots) + \
+        query(example)
+
+
+_MARK = "Z9q7x"  # an answer that no template writes
+
+
+def _around_answer(tokenizer, turns):
+    """(before, after): the chat template's text of ``turns`` and an assistant turn, before and
+    after that turn's content."""
+    text = tokenizer.apply_chat_template(turns + [dict(role="assistant", content=_MARK)],
+                                         tokenize=False)
+    before, mark, after = text.partition(_MARK)
+    if not mark:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r}: its chat "
+                         "template does not write an assistant turn's content")
+    return before, after
+
+
+def answer_end_id(tokenizer):
+    """The token that ends an answer: ``eos`` without a chat template; with one, the first token
+    the template writes after an assistant turn's content (its end of turn)."""
+    name = getattr(tokenizer, "name_or_path", "")
+    if not templated(tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer {name!r} has no eos token; the answers end with one")
+        return tokenizer.eos_token_id
+    after = _around_answer(tokenizer, [dict(role="user", content="Q")])[1]
+    ids = tokenizer(after, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"tokenizer {name!r}: its chat template writes no token after an "
+                         "assistant turn, so an answer's end can't be labelled")
+    return ids[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +92,26 @@ class Encoded:
 
 
 def encode(tokenizer, prompt_text, answer, max_length):
-    """``prompt_text`` + `` {answer}{eos}`` tokenised separately (no merge across the boundary),
-    at most ``max_length`` tokens: the prompt loses tokens from its start first (the query
-    is at its end), then the answer from its end."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos token; the answers end "
-                         "with one")
-    prompt_ids = tokenizer(prompt_text).input_ids
-    answer_ids = tokenizer(f" {answer}", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    """``prompt_text`` then ``answer`` and its end token (:func:`answer_end_id`), tokenised
+    separately (no merge across the boundary), at most ``max_length`` tokens: the prompt loses
+    tokens from its start first (the query is at its end), then the answer from its end."""
+    end = answer_end_id(tokenizer)
+    prompt_ids = prompt_token_ids(tokenizer, prompt_text)
+    answer_ids = tokenizer(answer_text(tokenizer, answer), add_special_tokens=False).input_ids + [end]
     answer_ids = answer_ids[:max_length - 1]
     prompt_ids = prompt_ids[max(len(prompt_ids) - (max_length - len(answer_ids)), 0):]
     return Encoded(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
 
 
+def prompt_token_ids(tokenizer, prompt_text):
+    """The ids of a prompt: with the tokenizer's special tokens (its BOS, if it adds one), or as
+    a chat template wrote them (the template writes its own)."""
+    return tokenizer(prompt_text, add_special_tokens=not templated(tokenizer)).input_ids
+
+
 def encode_prompt(tokenizer, prompt_text, max_length):
     """The prompt's ids alone (for generation), cut from the start to ``max_length``."""
-    return tokenizer(prompt_text).input_ids[-max_length:]
+    return prompt_token_ids(tokenizer, prompt_text)[-max_length:]
 
 
 def collate(sequences, pad_id):

@@ -104,6 +104,25 @@ def test_teacher_cache_skips_the_teacher_and_changes_nothing(tiny, tmp_path, met
                                         teacher_dtype="bfloat16", **common)))
 
 
+def test_teacher_cache_refuses_a_tokenizer_changed_under_its_path(tiny, tmp_path):
+    """The teacher's tokenizer folder gets a chat template after the cache was filled: the same
+    path now encodes other teacher tokens, and the run stops, naming ``teacher_tokens``."""
+    import shutil
+
+    from mlot_kernels.distill.models import load_tokenizer
+
+    folder = str(tmp_path / "teacher-tokenizer")
+    shutil.copytree(tiny.teacher_tokenizer, folder)
+    common = dict(teacher_tokenizer=folder, teacher_cache=str(tmp_path / "cache"), max_steps=1)
+    train(TrainConfig(**tiny.config(tmp_path / "first", **common)))
+    tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}<end>"
+                               "{% endfor %}")
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"differing: \['teacher_tokens'\]"):
+        train(TrainConfig(**tiny.config(tmp_path / "second", **common)))
+
+
 def test_logits_path_equals_hidden_path(tiny, tmp_path):
     """loss_from='logits' (the models' logits) follows the default hidden-state path's loss
     curve, with and without a teacher cache."""

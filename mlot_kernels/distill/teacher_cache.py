@@ -11,10 +11,13 @@ option then runs on them as on the teacher's forward, including ``batch`` rankin
 the projection of the answer rows, not the teacher's forward.
 
 The directory belongs to one teacher, tokenizer, data set, prompt, teacher dtype and answer rule
-(``meta.json``); a run with other settings stops with an error instead of reading stale states.
+(``meta.json``), and to the teacher's token ids of every example (:func:`token_digest`), so a
+tokenizer or chat template changed under the same path is caught too; a run with other settings
+stops with an error instead of reading stale states.
 An entry that cannot be read stops the run with an error that names its file.
 """
 
+import hashlib
 import json
 import os
 
@@ -63,6 +66,15 @@ class TeacherCache:
         for b, (index, n) in enumerate(zip(indices, lengths.tolist())):
             rows = hidden[b, positions[b, :n]].detach().cpu().clone()
             save_torch(dict(hidden=rows, length=n), self._path(index))
+
+
+def token_digest(sequences):
+    """A SHA-256 of encoded sequences' input ids and labels (:class:`mlot_kernels.distill.
+    prompts.Encoded`), in order."""
+    digest = hashlib.sha256()
+    for sequence in sequences:
+        digest.update(json.dumps([sequence.input_ids, sequence.labels]).encode())
+    return digest.hexdigest()
 
 
 def read_entry(path):

@@ -40,7 +40,7 @@ from mlot_kernels.distill.models import (DTYPES, HiddenStates, load_model, load_
                                          output_layer, resolve_device)
 from mlot_kernels.distill.prompts import collate, encode, prompt
 from mlot_kernels.distill.files import replace_atomically, save_torch, write_json
-from mlot_kernels.distill.teacher_cache import TeacherCache
+from mlot_kernels.distill.teacher_cache import TeacherCache, token_digest
 from mlot_kernels.multi_level_ot import MultiLevelOTLoss
 from mlot_kernels.outputs import Hidden, cross_entropy
 from mlot_kernels.uld import uld_loss
@@ -359,7 +359,8 @@ def _train(cfg, device, world):
                        data=os.path.abspath(cfg.data) if os.path.exists(cfg.data) else cfg.data,
                        data_format=cfg.data_format, split=cfg.split, limit=cfg.limit,
                        teacher_shots=cfg.teacher_shots, max_length=cfg.max_length,
-                       teacher_dtype=cfg.teacher_dtype)
+                       teacher_dtype=cfg.teacher_dtype,
+                       teacher_tokens=token_digest(teacher_seqs) if cfg.teacher_cache else None)
     method = Method(cfg, teacher, fingerprint, teacher_head)
 
     start = 0

@@ -75,6 +75,35 @@ def test_metric_per_format(format, metric):
     assert METRIC[format] == metric
 
 
+def test_fanoutqa_sub_questions_closed_book(tmp_path):
+    """The shipped dev set gives its single-hop sub-questions with string or number answers and
+    no context (the query then has no Context line); a local file with a sub-question without
+    an answer names the record and the field."""
+    from mlot_kernels.distill.prompts import query
+
+    examples = load_examples("fanoutqa", "fanoutqa")
+    assert len(examples) > 1000
+    assert all(e.context == "" and e.answer.strip() and e.references == (e.answer,)
+               for e in examples)
+    assert query(examples[0]) == f"Question: {examples[0].question}\nAnswer:"
+    assert load_examples("fanoutqa", "fanoutqa", limit=7) == examples[:7]
+    record = dict(id="q", question="Which?", answer={"a": "1"}, decomposition=[
+        dict(id="s1", question="A?", answer="x", decomposition=[]),
+        dict(id="s2", question="B?", answer=["x", "y"], decomposition=[]),
+        dict(id="s3", question="C?", answer=None, decomposition=[
+            dict(id="s4", question="D?", answer=3, decomposition=[])]),
+        dict(id="s5", question="E?", answer=True, decomposition=[])])
+    path = tmp_path / "fanout.json"
+    path.write_text(json.dumps([record]))
+    assert [(e.id, e.question, e.answer) for e in load_examples(str(path), "fanoutqa")] == [
+        ("s1", "A?", "x"), ("s4", "D?", "3")]
+    del record["decomposition"][0]["answer"]
+    path.write_text(json.dumps([record]))
+    with pytest.raises(ValueError, match=r"record 0, sub-question s1 \(fanoutqa format\): "
+                                         r"field 'answer' must be"):
+        load_examples(str(path), "fanoutqa")
+
+
 def test_limit_keeps_the_first_examples():
     every = load_examples(DATA / "qed.jsonl", "qed")
     assert load_examples(DATA / "qed.jsonl", "qed", limit=2) == every[:2]

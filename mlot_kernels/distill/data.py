@@ -1,14 +1,17 @@
 """Question-answering and summarisation examples for the distillation loop.
 
 Every dataset becomes a list of :class:`Example` (context, question, training answer, all
-reference answers). Four formats are read, from a local file (``.jsonl``, ``.json``,
+reference answers). Five formats are read, from a local file (``.jsonl``, ``.json``,
 ``.parquet``) or from the Hugging Face hub (needs the ``datasets`` package):
 
 - ``qed``: Google's QED (``google-research-datasets/qed``), extractive QA;
 - ``fairytaleqa``: FairytaleQA (``WorkInTheDark/FairytaleQA``), generative QA;
 - ``dialogsum``: DialogSum (``knkarthick/dialogsum``), dialogue summarisation;
 - ``jsonl``: this project's generic format, ``{"context", "question", "answer", "id"?}``
-  with ``answer`` a string or a list of strings (the first is trained on, all are references).
+  with ``answer`` a string or a list of strings (the first is trained on, all are references);
+- ``fanoutqa``: FanOutQA's questions over Wikipedia (a ``fanout-final-*.json`` file; the
+  source ``fanoutqa`` is the dev set that PyPI's ``fanoutqa`` package ships), read as
+  closed-book QA: every single-hop sub-question with a string or number answer, no context.
 
 :data:`METRIC` gives the metric each format is scored with, as in the MultiLevelOT paper:
 SQuAD F1 for QED, ROUGE-LSum for FairytaleQA and DialogSum.
@@ -22,8 +25,9 @@ import json
 import os
 import random
 
-FORMATS = ("qed", "fairytaleqa", "dialogsum", "jsonl")
-METRIC = {"qed": "qa", "fairytaleqa": "rouge", "dialogsum": "rouge", "jsonl": "qa"}
+FORMATS = ("qed", "fairytaleqa", "dialogsum", "jsonl", "fanoutqa")
+METRIC = {"qed": "qa", "fairytaleqa": "rouge", "dialogsum": "rouge", "jsonl": "qa",
+          "fanoutqa": "qa"}
 HUB_NAMES = {
     "qed": "google-research-datasets/qed",
     "fairytaleqa": "WorkInTheDark/FairytaleQA",
@@ -147,7 +151,44 @@ def _generic(record, index):
                    id=_record_id(record, index, "id"))
 
 
-_CONVERT = {"qed": _qed, "fairytaleqa": _fairytaleqa, "dialogsum": _dialogsum, "jsonl": _generic}
+def _scalar(answer):
+    """Whether a FanOutQA answer is a non-empty string or a number (not a boolean)."""
+    return not isinstance(answer, bool) and isinstance(answer, (str, int, float)) and \
+        bool(str(answer).strip())
+
+
+def _fanoutqa(record, index):
+    """A FanOutQA single-hop sub-question (:func:`_fanoutqa_questions`): ``question``, a string
+    or number ``answer``; context = "", id = ``id``."""
+    answer = record.get("answer")
+    if not _scalar(answer):
+        raise _BadRecord(f"field 'answer' must be a non-empty string or a number, got "
+                         f"{answer!r:.80}")
+    answer = str(answer).strip()
+    return Example(context="", question=_text(record, "question"), answer=answer,
+                   references=(answer,), id=_record_id(record, index, "id"))
+
+
+def _fanoutqa_questions(records):
+    """(where, sub-question) for each FanOutQA question's sub-questions, at any depth, that have
+    no decomposition of their own and a non-empty string or number answer (a list or mapping
+    of answers is its parent's business; yes/no booleans and empty answers are left out)."""
+    for where, record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("decomposition"), list):
+            raise ValueError(f"{where} (fanoutqa format): expected a FanOutQA question with a "
+                             f"'decomposition' list, got {record!r:.80}")
+        pending = list(record["decomposition"])
+        while pending:
+            sub = pending.pop(0)
+            if isinstance(sub, dict) and sub.get("decomposition"):
+                pending[:0] = sub["decomposition"]
+            elif not isinstance(sub, dict) or "answer" not in sub or _scalar(sub["answer"]):
+                name = sub.get("id", "without an id") if isinstance(sub, dict) else repr(sub)[:40]
+                yield f"{where}, sub-question {name}", sub
+
+
+_CONVERT = {"qed": _qed, "fairytaleqa": _fairytaleqa, "dialogsum": _dialogsum, "jsonl": _generic,
+            "fanoutqa": _fanoutqa}
 
 
 def _read_jsonl(path):
@@ -198,7 +239,13 @@ def _read_hub(source, format, split):
 
 
 def _records(source, format, split):
-    """(where, record) pairs of a local file or a hub dataset."""
+    """(where, record) pairs of a local file or a hub dataset (FanOutQA's sub-questions for
+    format ``fanoutqa``)."""
+    if format == "fanoutqa":
+        if source == format and not os.path.exists(source):
+            from mlot_kernels.distill import assets
+            source = assets.path("fanoutqa")
+        return _fanoutqa_questions(_records(source, "jsonl", split))
     if os.path.isfile(source):
         suffix = os.path.splitext(source)[1].lower()
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}

@@ -247,19 +247,31 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
-def test_console_script_runs_the_quick_demo(tmp_path):
-    """``mlot-distill demo --quick``: the whole pipeline at tiny sizes, its table, JSON and
-    plots."""
+@pytest.mark.parametrize("teacher", ["smollm2", "toy"])
+def test_console_script_runs_the_quick_demo(tmp_path, teacher):
+    """``mlot-distill demo --quick``: the whole pipeline at tiny sizes, with the real teacher
+    (every method; the teacher's forward runs once per example and answer rule) and with
+    the toy one, its table, JSON and plots."""
     script = os.path.join(sysconfig.get_path("scripts"), "mlot-distill")
     assert os.path.exists(script), f"no {script}: pip install -e . declares the console script"
-    result = subprocess.run([script, "demo", "--quick", "--out", str(tmp_path)], text=True,
-                            capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run([script, "demo", "--quick", "--teacher", teacher, "--out",
+                             str(tmp_path)], text=True, capture_output=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["methods"]) == {"sft", "uld", "mlot-paper", "mlot-official"}
+    expected = {"sft", "uld", "mlot-paper", "mlot-official"} | ({"seqkd"} if teacher != "toy" else set())
+    assert set(results["methods"]) == expected
     assert {"f1", "em"} <= set(results["teacher"]["scores"])
     for entry in results["methods"].values():
         assert entry["per_seed"][0]["final"]["ce"] > 0 and "mean" in entry["f1"]
     for plot in ("loss_curves.png", "scores.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     assert "| student, mlot-paper |" in result.stdout
+    if teacher == "smollm2":
+        assert results["teacher"]["vocabulary"] == 49152
+        assert results["setup"]["student_vocabulary"] == 32000
+        forwards = {label: entry["per_seed"][0]["teacher_forwards"]
+                    for label, entry in results["methods"].items()}
+        # uld fills the cache of the 'labels' answer rule, mlot-paper reads it: no forward
+        assert forwards["uld"] > 0 and forwards["mlot-paper"] == 0
+        assert forwards["mlot-official"] > 0  # the 'window' rule has a cache of its own

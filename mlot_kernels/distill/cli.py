@@ -92,12 +92,15 @@ def run_eval(args):
 def parser():
     top = argparse.ArgumentParser(prog="mlot-distill", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the offline end-to-end demo (generated data, tiny models)")
+    demo = sub.add_parser("demo", help="the offline end-to-end demo (generated data, a real or toy teacher)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="student seeds; several give mean and spread")
     demo.add_argument("--device", default="cpu")
+    demo.add_argument("--teacher", choices=("toy", "smollm2"), default="toy",
+                      help="toy: a small teacher trained here on generated tokenizers "
+                      "(default); smollm2: the real SmolLM2-135M-Instruct")
     add_train_flags(sub.add_parser("train", help="distil a student from a teacher"))
     ev = sub.add_parser("eval", help="greedy decoding and scores of a model on a data set")
     ev.add_argument("--model", required=True)
@@ -125,7 +128,8 @@ def main(argv=None):
     logging.disable_progress_bar()  # per-file loading bars; the training bar stays
     if args.command == "demo":
         from mlot_kernels.distill import demo
-        demo.run(args.out, args.quick, tuple(args.seeds), device=args.device)
+        demo.run(args.out, args.quick, tuple(args.seeds), device=args.device,
+                 teacher=args.teacher)
     elif args.command == "train":
         from mlot_kernels.distill.trainer import train
         print(json.dumps(train(train_config(args)), indent=1))

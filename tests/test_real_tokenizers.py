@@ -11,7 +11,7 @@ from mlot_kernels import MultiLevelOTLoss, uld_loss
 from mlot_kernels.answers import IGNORE_INDEX, answer_positions
 from mlot_kernels.distill import assets
 from mlot_kernels.distill.data import demo_examples
-from mlot_kernels.distill.models import load_model, load_tokenizer, output_layer
+from mlot_kernels.distill.models import load_model, load_tokenizer, output_layer, pad_with_eos
 from mlot_kernels.distill.prompts import (answer_end_id, collate, encode, prompt, query,
                                           templated)
 from mlot_kernels.distill.teacher_cache import TeacherCache, token_digest
@@ -37,10 +37,8 @@ def real_tokenizer(name):
                 assets.path(name)
             except assets.MissingAsset as missing:
                 pytest.skip(str(missing))
-        folder = assets.teacher_folder() if name == "smollm2" else None
-        _loaded[name] = load_tokenizer(folder) if folder else assets.load_tokenizer(name)
-        if _loaded[name].pad_token_id is None:
-            _loaded[name].pad_token = _loaded[name].eos_token
+        _loaded[name] = (load_tokenizer(assets.teacher_folder()) if name == "smollm2" else
+                         pad_with_eos(assets.load_tokenizer(name)))
     return _loaded[name]
 
 

@@ -10,6 +10,7 @@ float32 Hugging Face folder, built once under :func:`cache_dir`, that ``transfor
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import shutil
 
@@ -172,8 +173,6 @@ def _asset(name):
 
 
 def _npm_version(folder):
-    import json
-
     try:
         with open(os.path.join(folder, "package.json")) as f:
             return json.load(f)["version"]

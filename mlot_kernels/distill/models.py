@@ -18,10 +18,14 @@ def resolve_device(device):
 
 
 def load_tokenizer(name_or_path):
-    """AutoTokenizer of ``name_or_path``; a tokenizer without a pad token pads with its eos."""
+    """AutoTokenizer of ``name_or_path``, padded as :func:`pad_with_eos` says."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return pad_with_eos(AutoTokenizer.from_pretrained(name_or_path))
+
+
+def pad_with_eos(tokenizer):
+    """``tokenizer``, which pads with its eos where it has no pad token."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -64,9 +64,11 @@ class HiddenStates(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return self.model.base_model(input_ids=input_ids,
-                                     attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, **cache):
+        """``cache``: a key/value cache of what precedes ``input_ids``
+        (:meth:`mlot_kernels.distill.prefix_cache.PrefixCache.expand`)."""
+        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     **cache).last_hidden_state
 
 
 def output_layer(model, sample_ids):

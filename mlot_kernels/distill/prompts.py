@@ -90,6 +90,12 @@ class Encoded:
     input_ids: list
     labels: list
 
+    @property
+    def prompt_length(self):
+        """The tokens before the first label."""
+        return next((i for i, label in enumerate(self.labels) if label != IGNORE_INDEX),
+                    len(self.labels))
+
 
 def encode(tokenizer, prompt_text, answer, max_length):
     """``prompt_text`` then ``answer`` and its end token (:func:`answer_end_id`), tokenised

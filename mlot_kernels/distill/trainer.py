@@ -6,15 +6,17 @@
 - ``mlot``: :class:`mlot_kernels.MultiLevelOTLoss` (``preset`` and ``loss_options``).
 
 The teacher is frozen in eval mode (optionally bfloat16) and sees its few-shot prompt; the student
-its zero-shot prompt (:mod:`mlot_kernels.distill.prompts`). By default (``loss_from='hidden'``)
-neither model builds its logits: the losses read each model's last hidden state and output layer
+its zero-shot prompt (:mod:`mlot_kernels.distill.prompts`). The tokens every teacher sequence
+starts with (its system turn, the worked examples) are read once
+(:mod:`mlot_kernels.distill.prefix_cache`). By default (``loss_from='hidden'``) neither model
+builds its logits: the losses read each model's last hidden state and output layer
 (:class:`mlot_kernels.outputs.Hidden`), projecting only the rows they need; a model whose logits
 are not its output layer applied to its last hidden state is refused by name
-(:func:`mlot_kernels.distill.models.output_layer`), and ``loss_from='logits'`` keeps the logits. AdamW and, by default, the paper's
-OneCycle schedule step once per global batch of ``batch_size × grad_accum × world_size``
-examples. Under ``torchrun`` the student is wrapped in DistributedDataParallel (NCCL on GPUs,
-gloo on CPU) and the ranks split each global batch, so a step's gradient is the same mean
-over micro-batches whatever the number of processes.
+(:func:`mlot_kernels.distill.models.output_layer`), and ``loss_from='logits'`` keeps the logits.
+AdamW and, by default, the paper's OneCycle schedule step once per global batch of
+``batch_size × grad_accum × world_size`` examples. Under ``torchrun`` the student is wrapped in
+DistributedDataParallel (NCCL on GPUs, gloo on CPU) and the ranks split each global batch, so a
+step's gradient is the same mean over micro-batches whatever the number of processes.
 
 Outputs under ``out``: ``metrics.jsonl`` (one line per step: loss terms, learning rate,
 throughput), ``checkpoint.pt`` (every ``checkpoint_every`` steps and at the end, written
@@ -34,6 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from mlot_kernels.distill import prefix_cache
 from mlot_kernels.distill.data import FORMATS, METRIC, load_examples, write_jsonl
 from mlot_kernels.distill.evaluate import evaluate, generate
 from mlot_kernels.distill.models import (DTYPES, HiddenStates, load_model, load_tokenizer,
@@ -209,8 +212,8 @@ class Method:
     teacher cache's keys) and the teacher's collated batch. ``teacher_head`` is the teacher's
     output layer (weight, bias) where the teacher's outputs are hidden states."""
 
-    def __init__(self, cfg, teacher, cache_fingerprint, teacher_head=None):
-        self.cfg, self.teacher, self.teacher_head = cfg, teacher, teacher_head
+    def __init__(self, cfg, teacher, cache_fingerprint, teacher_head=None, prefix=None):
+        self.cfg, self.teacher, self.teacher_head, self.prefix = cfg, teacher, teacher_head, prefix
         self.loss_fn = None
         self.cache = None
         if cfg.method == "mlot":
@@ -221,13 +224,18 @@ class Method:
         self.teacher_forwards = 0
 
     def teacher_forward(self, batch, hidden):
-        """The teacher's last hidden state (``hidden``) or logits on a batch, without gradients."""
+        """(the teacher's last hidden state (``hidden``) or logits, labels) on a batch, without
+        gradients; with a ``prefix`` (:class:`mlot_kernels.distill.prefix_cache.PrefixCache`)
+        on the sequences after it, the labels cut alike."""
         self.teacher_forwards += 1
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        shared = self.prefix.length if self.prefix else 0
+        ids = batch["input_ids"][:, shared:]
+        inputs = dict(input_ids=ids, attention_mask=batch["attention_mask"])
+        if self.prefix:
+            inputs |= self.prefix.expand(ids.shape[0])
         with torch.no_grad():
-            if hidden:
-                return HiddenStates(self.teacher)(**inputs)
-            return self.teacher(**inputs).logits
+            out = HiddenStates(self.teacher)(**inputs) if hidden else self.teacher(**inputs).logits
+        return out, batch["labels"][:, shared:]
 
     def teacher_outputs(self, indices, batch):
         """(outputs, labels) of the teacher for the loss: its hidden states from the cache (filled
@@ -236,12 +244,13 @@ class Method:
         if self.cache:
             stored = self.cache.get(indices, batch["labels"].device)
             if stored is None:
-                self.cache.put(indices, self.teacher_forward(batch, True), batch["labels"])
+                self.cache.put(indices, *self.teacher_forward(batch, True))
                 stored = self.cache.get(indices, batch["labels"].device)
             return Hidden(stored[0], *self.teacher_head), stored[1]
         if self.teacher_head is not None:
-            return Hidden(self.teacher_forward(batch, True), *self.teacher_head), batch["labels"]
-        return self.teacher_forward(batch, False), batch["labels"]
+            hidden, labels = self.teacher_forward(batch, True)
+            return Hidden(hidden, *self.teacher_head), labels
+        return self.teacher_forward(batch, False)
 
     def terms(self, indices, student, labels, teacher_batch):
         cfg = self.cfg
@@ -361,7 +370,11 @@ def _train(cfg, device, world):
                        teacher_shots=cfg.teacher_shots, max_length=cfg.max_length,
                        teacher_dtype=cfg.teacher_dtype,
                        teacher_tokens=token_digest(teacher_seqs) if cfg.teacher_cache else None)
-    method = Method(cfg, teacher, fingerprint, teacher_head)
+    prefix = None
+    if cfg.method in ("uld", "mlot"):
+        prefix = prefix_cache.build(teacher, [s.input_ids for s in teacher_seqs],
+                                    [s.prompt_length for s in teacher_seqs])
+    method = Method(cfg, teacher, fingerprint, teacher_head, prefix)
 
     start = 0
     if cfg.resume:
@@ -441,6 +454,7 @@ def _train(cfg, device, world):
     summary = dict(method=cfg.method, preset=cfg.preset if cfg.method == "mlot" else None,
                    steps=total_steps, resumed_from=start, world_size=world.world,
                    wall_s=wall, teacher_forwards=method.teacher_forwards,
+                   teacher_prefix_tokens=prefix.length if prefix else 0,
                    final=final_terms(log_path) if world.main else None)
     if world.main:
         student.save_pretrained(os.path.join(cfg.out, "model"))

@@ -102,6 +102,10 @@ def test_fanoutqa_sub_questions_closed_book(tmp_path):
     with pytest.raises(ValueError, match=r"record 0, sub-question s1 \(fanoutqa format\): "
                                          r"field 'answer' must be"):
         load_examples(str(path), "fanoutqa")
+    path.write_text(json.dumps([dict(id="q", question="Which?", answer="x")]))
+    with pytest.raises(ValueError, match=rf"{path}: record 0 \(fanoutqa format\): expected a "
+                                         "FanOutQA question with a 'decomposition' list"):
+        load_examples(str(path), "fanoutqa")
 
 
 def test_limit_keeps_the_first_examples():

@@ -169,14 +169,15 @@ def _fanoutqa(record, index):
                    references=(answer,), id=_record_id(record, index, "id"))
 
 
-def _fanoutqa_questions(records):
-    """(where, sub-question) for each FanOutQA question's sub-questions, at any depth, that have
-    no decomposition of their own and a non-empty string or number answer (a list or mapping
-    of answers is its parent's business; yes/no booleans and empty answers are left out)."""
+def _fanoutqa_questions(source, records):
+    """(where, sub-question) for the sub-questions of each FanOutQA question in ``source``'s
+    ``records``, at any depth, that have no decomposition of their own and a non-empty string or
+    number answer (a list or mapping of answers is its parent's business; yes/no booleans and
+    empty answers are left out)."""
     for where, record in records:
         if not isinstance(record, dict) or not isinstance(record.get("decomposition"), list):
-            raise ValueError(f"{where} (fanoutqa format): expected a FanOutQA question with a "
-                             f"'decomposition' list, got {record!r:.80}")
+            raise ValueError(f"{source}: {where} (fanoutqa format): expected a FanOutQA "
+                             f"question with a 'decomposition' list, got {record!r:.80}")
         pending = list(record["decomposition"])
         while pending:
             sub = pending.pop(0)
@@ -245,7 +246,7 @@ def _records(source, format, split):
         if source == format and not os.path.exists(source):
             from mlot_kernels.distill import assets
             source = assets.path("fanoutqa")
-        return _fanoutqa_questions(_records(source, "jsonl", split))
+        return _fanoutqa_questions(source, _records(source, "jsonl", split))
     if os.path.isfile(source):
         suffix = os.path.splitext(source)[1].lower()
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}

@@ -250,12 +250,13 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
 @pytest.mark.parametrize("teacher", ["smollm2", "toy"])
 def test_console_script_runs_the_quick_demo(tmp_path, teacher):
     """``mlot-distill demo --quick``: the whole pipeline at tiny sizes, with the real teacher
-    (every method; the teacher's forward runs once per example) and with
-    the toy one, its table, JSON and plots."""
+    (the default; every method; the teacher's forward runs once per example, after the prefix
+    its prompts share) and with the toy one, its table, JSON and plots."""
     script = os.path.join(sysconfig.get_path("scripts"), "mlot-distill")
     assert os.path.exists(script), f"no {script}: pip install -e . declares the console script"
-    result = subprocess.run([script, "demo", "--quick", "--teacher", teacher, "--out",
-                             str(tmp_path)], text=True, capture_output=True,
+    choice = ["--teacher", "toy"] if teacher == "toy" else []
+    result = subprocess.run([script, "demo", "--quick", *choice, "--out", str(tmp_path)],
+                            text=True, capture_output=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -274,3 +275,4 @@ def test_console_script_runs_the_quick_demo(tmp_path, teacher):
                     for label, entry in results["methods"].items()}
         # uld fills the cache; both presets read it (either answer rule): no forward
         assert forwards["uld"] > 0 and forwards["mlot-paper"] == forwards["mlot-official"] == 0
+        assert results["methods"]["uld"]["per_seed"][0]["teacher_prefix_tokens"] > 100

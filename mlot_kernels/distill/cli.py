@@ -98,9 +98,9 @@ def parser():
     demo.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="student seeds; several give mean and spread")
     demo.add_argument("--device", default="cpu")
-    demo.add_argument("--teacher", choices=("toy", "smollm2"), default="toy",
-                      help="toy: a small teacher trained here on generated tokenizers "
-                      "(default); smollm2: the real SmolLM2-135M-Instruct")
+    demo.add_argument("--teacher", choices=("smollm2", "toy"), default="smollm2",
+                      help="smollm2: the real SmolLM2-135M-Instruct (default); toy: a small "
+                      "teacher trained here on generated tokenizers")
     add_train_flags(sub.add_parser("train", help="distil a student from a teacher"))
     ev = sub.add_parser("eval", help="greedy decoding and scores of a model on a data set")
     ev.add_argument("--model", required=True)

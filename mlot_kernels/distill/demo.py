@@ -1,7 +1,7 @@
 """``mlot-distill demo``: the whole pipeline offline, on generated data, in minutes on a CPU.
 
-With ``teacher="toy"`` (the default) the teacher is trained here; with ``"smollm2"`` it is real
-and pretrained. Both use the same generated data:
+With ``teacher="smollm2"`` (the default) the teacher is real and pretrained; with ``"toy"`` it is
+trained here. Both use the same generated data:
 
 1. Data: :func:`mlot_kernels.distill.data.demo_examples`, a training set and a held-out set
    (other seeds), written to ``out/data``.
@@ -11,7 +11,8 @@ and pretrained. Both use the same generated data:
      gets Mistral-7B's SentencePiece tokenizer (32,000, no chat template) from
      ``mistral-common``: other vocabularies, segmentations and special tokens, and a chat
      template on the teacher's side only. The teacher's forward runs once per example (the
-     teacher cache, which serves ``uld`` and both presets).
+     teacher cache, which serves ``uld`` and both presets), over what follows the system turn
+     and worked examples that its prompts share (:mod:`mlot_kernels.distill.prefix_cache`).
    - ``toy``: two tokenizers trained here with the ``tokenizers`` library on the training text (a
      byte-level BPE for the teacher, a SentencePiece-style BPE with a smaller vocabulary for the
      student; both trainers are deterministic, the library's Unigram trainer is not), and a
@@ -65,10 +66,10 @@ SIZES = {
                       batch_size=4, teacher_lr=1e-3, student_lr=1e-3, teacher_vocab=300,
                       student_vocab=200, teacher_width=32, student_width=32),
 }
-# The real teacher's demo (teacher_* fields unused: the teacher is not trained). At these sizes
-# one seed takes over 10 minutes on 2 cores, most of it the teacher's work (README, "The demo").
+# The real teacher's demo (teacher_* fields unused: the teacher is not trained), sized so that
+# one seed takes under 10 minutes on 2 cores (README, "The demo").
 REAL_SIZES = {
-    "full": DemoSize(train_examples=256, eval_examples=100, teacher_steps=0, student_steps=300,
+    "full": DemoSize(train_examples=512, eval_examples=100, teacher_steps=0, student_steps=300,
                      batch_size=16, teacher_lr=0.0, student_lr=3e-3, teacher_vocab=0,
                      student_vocab=0, teacher_width=0, student_width=128),
     "quick": DemoSize(train_examples=16, eval_examples=4, teacher_steps=0, student_steps=2,
@@ -156,7 +157,7 @@ def init_models(tokenizers, size, seed, directory):
     return paths
 
 
-def run(out="runs/demo", quick=False, seeds=(0,), methods=None, device="cpu", teacher="toy"):
+def run(out="runs/demo", quick=False, seeds=(0,), methods=None, device="cpu", teacher="smollm2"):
     """The demo; returns the results written to ``out/results.json``."""
     if teacher not in TEACHERS:
         raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
@@ -220,6 +221,7 @@ def run(out="runs/demo", quick=False, seeds=(0,), methods=None, device="cpu", te
                                                               per_seed=[]))
             entry["per_seed"].append(dict(seed=seed, scores=summary["eval"], final=summary["final"],
                                           teacher_forwards=summary["teacher_forwards"],
+                                          teacher_prefix_tokens=summary["teacher_prefix_tokens"],
                                           wall_s=time.perf_counter() - t0))
             logs[label].append(os.path.join(run_dir, "metrics.jsonl"))
     for entry in results["methods"].values():

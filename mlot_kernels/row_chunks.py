@@ -8,8 +8,8 @@ gathered hidden states (Liger-Kernel's fused linear losses size their chunks so)
 sixteenth of the output embedding's entries, and at least ``MIN_ROWS`` rows. Each chunk's matmul
 streams the whole ``weight``; smaller chunks make the matmuls memory-bound (on a 2-core CPU,
 25-row chunks of a [32000, 1024] embedding ran at a quarter of the float32 matmul rate, and the
-demo's 128-wide student, whose sixteenth is 8 rows, ran its ``sft`` step in 0.19 s with them
-against 0.11 s with 64). The backward holds a chunk's logits and their gradient: for H >= 1024,
+demo's 128-wide student, whose sixteenth is 8 rows, ran its ``sft`` step in 0.157 s with them
+against 0.086 s with 64: ``python -m benchmarks.demo_costs``). The backward holds a chunk's logits and their gradient: for H >= 1024,
 at most an eighth of the weight's gradient, which it holds anyway; for narrower models, at most
 ``2 * MIN_ROWS * V`` entries.
 """

@@ -81,7 +81,7 @@ TEACHERS = ("smollm2", "toy")
 METHODS = {"sft": ("sft", "paper"), "seqkd": ("seqkd", "paper"), "uld": ("uld", "paper"),
            "mlot-paper": ("mlot", "paper"), "mlot-official": ("mlot", "official")}
 TOY_METHODS = ("sft", "uld", "mlot-paper", "mlot-official")
-SHOTS = {"toy": 1, "smollm2": 2}  # worked examples in the teacher's prompt
+SHOTS = {"toy": 1, "smollm2": 8}  # worked examples in the teacher's prompt (README, "The demo")
 MAX_NEW_TOKENS = 8   # the demo's answers are 1-3 words
 
 

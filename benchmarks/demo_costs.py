@@ -7,7 +7,7 @@ process (``python -m benchmarks.demo_costs [--out FILE]``; needs the ``real`` as
   minutes to time here), and its forward
   over a batch of 16 training sequences (prompt and answer), with the prefix cache and with
   every sequence read whole. The answers are checked equal.
-- **Chunks of at least 64 rows** (:data:`mlot_kernels.row_chunks.MIN_ROWS`): one ``sft`` step
+- **Chunks of at least 64 rows** (:data:`mlot_kernels.ops.row_chunks.MIN_ROWS`): one ``sft`` step
   (forward, backward, AdamW) of the demo's student, a 3-layer Llama of width 128 with Mistral's
   32,000 tokenizer, on 16 of its zero-shot sequences, against the same step with chunks of a
   sixteenth of the embedding (8 rows at this width), the rule before.
@@ -22,7 +22,7 @@ import platform
 import torch
 
 from benchmarks.timing import median_seconds
-from mlot_kernels import row_chunks
+from mlot_kernels.ops import row_chunks
 from mlot_kernels.distill import assets, prefix_cache
 from mlot_kernels.distill.data import demo_examples
 from mlot_kernels.distill.demo import llama
@@ -30,7 +30,7 @@ from mlot_kernels.distill.evaluate import generate
 from mlot_kernels.distill.models import (HiddenStates, load_model, load_tokenizer, output_layer,
                                          pad_with_eos)
 from mlot_kernels.distill.prompts import collate, encode, prompt
-from mlot_kernels.outputs import Hidden, cross_entropy
+from mlot_kernels.losses.outputs import Hidden, cross_entropy
 
 SHOTS = 2
 

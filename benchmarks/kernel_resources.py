@@ -1,6 +1,6 @@
 """Registers and spills of the Triton kernels, compiled for a CUDA GPU on a machine without one.
 
-The launchers of ``mlot_kernels.triton_ops`` (Sinkhorn) and ``mlot_kernels.triton_topk`` run on
+The launchers of ``mlot_kernels.ops.sinkhorn_triton`` (Sinkhorn) and ``mlot_kernels.ops.topk_probs_triton`` run on
 CPU tensors with every ``*_kernel`` swapped for a recorder (nothing is computed), so each
 launch a case makes is recorded with its argument types, constexprs and ``num_warps``. Each
 distinct launch is then compiled by ``triton.compile`` for the target (``sm_90``: H100, H200)
@@ -88,10 +88,10 @@ class _Recorder:
 def recording():
     """Within the block, the Triton launchers record their launches instead of running them;
     yields the dict whose keys are the distinct :class:`Launch` es, in order."""
-    from mlot_kernels import triton_ops, triton_topk
+    from mlot_kernels.ops import sinkhorn_triton, topk_probs_triton
 
     launches, saved = {}, []
-    for module in (triton_ops, triton_topk):
+    for module in (sinkhorn_triton, topk_probs_triton):
         for name, kernel in vars(module).items():
             if name.endswith("_kernel"):
                 if not isinstance(kernel, triton.runtime.JITFunction):
@@ -109,18 +109,18 @@ def recording():
 
 def sinkhorn_launches(case, dtype=torch.float32, config=None):
     """The launches of the op's forward and backward (both gradient modes) on a Sinkhorn case;
-    ``config`` (a :class:`mlot_kernels.triton_ops.Config`) forces a regime."""
-    from mlot_kernels import triton_ops
+    ``config`` (a :class:`mlot_kernels.ops.sinkhorn_triton.Config`) forces a regime."""
+    from mlot_kernels.ops import sinkhorn_triton
 
     x, y, x_lengths, y_lengths = sinkhorn_cases.make_inputs(dict(case, device="cpu"))
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     options = dict(epsilon=case["epsilon"], temperature=case["temperature"], p=1,
                    unit_marginals=case["unit_marginals"], config=config)
     with recording() as launches:
-        loss, f_hist, g_hist = triton_ops.sinkhorn_forward(x, y, x_lengths, y_lengths,
+        loss, f_hist, g_hist = sinkhorn_triton.sinkhorn_forward(x, y, x_lengths, y_lengths,
                                                            n_iters=case["n_iters"], **options)
         for detach_plan in (False, True):
-            triton_ops.sinkhorn_backward(torch.ones_like(loss), x, y, x_lengths, y_lengths, f_hist,
+            sinkhorn_triton.sinkhorn_backward(torch.ones_like(loss), x, y, x_lengths, y_lengths, f_hist,
                                          g_hist, detach_plan=detach_plan, **options)
     return list(launches)
 
@@ -132,7 +132,7 @@ def topk_launches(case, temperatures=None, answers=False, dtype=torch.float32):
     every other row (the last sequence one short of the others) and targets on the last three
     quarters of the rows with a hole every fifth, through topk_probs_stats, topk_probs_forward
     and the backward of probs and ce."""
-    from mlot_kernels import triton_topk
+    from mlot_kernels.ops import topk_probs_triton
 
     logits = topk_cases.make_inputs(dict(case, device="cpu"))[0].detach().to(dtype)
     B, L, V = logits.shape
@@ -149,10 +149,10 @@ def topk_launches(case, temperatures=None, answers=False, dtype=torch.float32):
             (position < L // 4) | (position % 5 == 4), -100)
     with recording() as launches:
         if answers:
-            triton_topk.topk_probs_stats(logits, rows, lengths, targets, *options)
-        probs, indices, ce, row_stats = triton_topk.topk_probs_forward(
+            topk_probs_triton.topk_probs_stats(logits, rows, lengths, targets, *options)
+        probs, indices, ce, row_stats = topk_probs_triton.topk_probs_forward(
             logits, rows, lengths, targets, case["k"], *options)
-        triton_topk.topk_probs_backward(torch.ones_like(probs), torch.ones_like(ce) if answers
+        topk_probs_triton.topk_probs_backward(torch.ones_like(probs), torch.ones_like(ce) if answers
                                         else None, logits, rows, lengths, targets, probs,
                                         indices, row_stats, *options)
     return list(launches)
@@ -207,7 +207,7 @@ def cases(quick=False):
     """(case name, launches) for every case: the Sinkhorn ones in float32 and bfloat16, then
     topk_probs. --quick, the CI check, adds float64 (the GPU gradchecks' dtype) and forces the
     long case into the tiled regime with 16 x 8 tiles."""
-    from mlot_kernels.triton_ops import Config
+    from mlot_kernels.ops.sinkhorn_triton import Config
 
     out = []
     dtypes = (torch.float32, torch.bfloat16) + ((torch.float64,) if quick else ())

@@ -22,7 +22,7 @@ import torch
 
 import mlot_kernels
 from benchmarks.steps import Impl, make_steps
-from mlot_kernels.answers import causal_lm_cross_entropy
+from mlot_kernels.losses.answers import causal_lm_cross_entropy
 
 IGNORE = -100
 

@@ -37,7 +37,7 @@ import math
 import torch
 import torch.fx.experimental._config as fx_config
 
-from mlot_kernels.reference import valid_prefixes
+from mlot_kernels.ops.reference import valid_prefixes
 
 IGNORE_INDEX = -100
 

@@ -25,7 +25,7 @@ can miss 1e-3, and :func:`scaling_to_tolerance` then returns None.
 import torch
 
 from benchmarks.peers import samples_loss_inputs
-from mlot_kernels import reference
+from mlot_kernels.ops import reference
 
 
 def marginal_error(plan, alpha, beta):
@@ -52,7 +52,7 @@ def _uniform(cost):
 def op_marginal_error(x, y, x_lengths=None, y_lengths=None, *, epsilon, n_iters, temperature):
     """[B] float64: the marginal error of the op's plan after ``n_iters`` iterations (probability
     marginals, L1 cost, softmax at ``temperature``), from the float64 reference's plan
-    (``mlot_kernels.reference.transport_plan``), each problem on its valid prefix."""
+    (``mlot_kernels.ops.reference.transport_plan``), each problem on its valid prefix."""
     errors = []
     for cost in _costs(x, y, x_lengths, y_lengths, temperature):
         plan = reference.transport_plan(cost, epsilon, n_iters, unit_marginals=False)

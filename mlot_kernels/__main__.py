@@ -6,7 +6,7 @@ import time
 import torch
 
 import mlot_kernels
-from mlot_kernels import reference
+from mlot_kernels.ops import reference
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def defined_indices(indices, lengths, ranking):
 def check_topk_probs(gen, fn, logits, lengths, ranking, rtol, **opts):
     """fn's probs, indices and logits' gradient equal those of the float64 reference of
     topk_probs (indices where the ranking defines them); returns them."""
-    from mlot_kernels import reference
+    from mlot_kernels.ops import reference
 
     weights = torch.rand(*logits.shape[:2], opts["k"], generator=gen, dtype=torch.float64) + 0.5
     probs, indices, grad = probs_indices_grad(fn, logits, weights, lengths, ranking=ranking, **opts)

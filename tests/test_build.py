@@ -20,7 +20,7 @@ CHECK_SCRIPT = textwrap.dedent(
     import mlot_kernels
 
     lib = sys.argv[1]
-    assert os.path.samefile(mlot_kernels._library.path, lib), (mlot_kernels._library.path, lib)
+    assert os.path.samefile(mlot_kernels.ops._library.path, lib), (mlot_kernels.ops._library.path, lib)
 
     x = torch.randn(3, 9, 7, dtype=torch.float64, requires_grad=True)
     y = torch.randn(3, 6, 7, dtype=torch.float64, requires_grad=True)
@@ -30,7 +30,7 @@ CHECK_SCRIPT = textwrap.dedent(
     options = dict(temperature=1.5, p=1, n_iters=15, epsilon=0.1)
 
     results = []
-    for fn in (mlot_kernels.sinkhorn_loss, mlot_kernels.reference.sinkhorn_loss):
+    for fn in (mlot_kernels.sinkhorn_loss, mlot_kernels.ops.reference.sinkhorn_loss):
         loss = fn(x, y, x_lengths, y_lengths, **options)
         grads = torch.autograd.grad((loss * weights).sum(), (x, y))
         results.append((loss.detach(), *grads))

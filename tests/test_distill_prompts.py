@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlot_kernels.answers import IGNORE_INDEX
+from mlot_kernels.losses.answers import IGNORE_INDEX
 from mlot_kernels.distill.data import demo_examples
 from mlot_kernels.distill.models import load_tokenizer
 from mlot_kernels.distill.prompts import collate, encode, left_pad, prompt, query

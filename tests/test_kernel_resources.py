@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from benchmarks import kernel_resources
-from mlot_kernels import triton_ops, triton_topk
+from mlot_kernels.ops import sinkhorn_triton, topk_probs_triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(ROOT, "benchmarks", "results", "sm90-kernel-resources")
@@ -31,7 +31,7 @@ def quick_resources(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90(quick_resources):
-    kernels = {name for module in (triton_ops, triton_topk) for name in vars(module)
+    kernels = {name for module in (sinkhorn_triton, topk_probs_triton) for name in vars(module)
                if name.endswith("_kernel")}
     rows = quick_resources["rows"]
     assert {row["kernel"] for row in rows} == kernels

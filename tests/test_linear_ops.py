@@ -5,11 +5,11 @@ gradients needed, and rows never read."""
 import pytest
 import torch
 
-from mlot_kernels import row_chunks
-from mlot_kernels.linear_topk_probs import linear_topk_probs
-from mlot_kernels.linear_uld_distance import linear_uld_distance
-from mlot_kernels.topk_probs import answer_topk_probs
-from mlot_kernels.uld_distance import uld_distance
+from mlot_kernels.ops import row_chunks
+from mlot_kernels.ops.linear_topk_probs import linear_topk_probs
+from mlot_kernels.ops.linear_uld_distance import linear_uld_distance
+from mlot_kernels.ops.topk_probs import answer_topk_probs
+from mlot_kernels.ops.uld_distance import uld_distance
 
 RANKINGS = ["token", "sequence", "batch"]
 

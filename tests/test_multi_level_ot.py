@@ -1,6 +1,6 @@
 """The MultiLevelOT loss and the ULD baseline: the paper preset against a float64 evaluation of
 method.md's steps, the official preset against the released code's computation (to 1e-5 in
-float32), gradcheck, fused ops against mlot_kernels.reference, options, edges, and errors."""
+float32), gradcheck, fused ops against mlot_kernels.ops.reference, options, edges, and errors."""
 
 import dataclasses
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import mlot_kernels
-from mlot_kernels.multi_level_ot import Options
+from mlot_kernels.losses.multi_level_ot import Options
 from tests.conftest import assert_close_rel
-from mlot_kernels import row_chunks
+from mlot_kernels.ops import row_chunks
 from tests.loss_oracles import (make_batch, make_hidden_batch, official_oracle, paper_oracle,
                                 uld_oracle)
 
@@ -96,7 +96,7 @@ def test_gradcheck(gen, preset):
 @pytest.mark.parametrize("preset", ["paper", "official"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fused_ops_equal_reference_ops(gen, preset, dtype):
-    """The loss through the fused ops equals the loss through mlot_kernels.reference."""
+    """The loss through the fused ops equals the loss through mlot_kernels.ops.reference."""
     s_logits, t_logits, s_labels, t_labels = make_batch(gen, [6, 4, 0], [5, 7, 3], 300, 200,
                                                         dtype=dtype)
     fused = values_and_grads(mlot_kernels.multi_level_ot_loss, s_logits, t_logits, s_labels,
@@ -235,7 +235,7 @@ def test_hidden_targets_equal_logits_targets(gen, small_chunks):
 
 def test_every_option_is_an_override_and_presets_differ():
     """Each preset is Options with method.md's constants; every field can be overridden."""
-    from mlot_kernels.multi_level_ot import PRESETS, resolve_options
+    from mlot_kernels.losses.multi_level_ot import PRESETS, resolve_options
     paper, official = PRESETS["paper"], PRESETS["official"]
     assert (paper.k, paper.temperature, paper.epsilon, paper.n_iters, paper.alpha, paper.beta,
             paper.gamma, paper.sd_temperature) == (50, 1.0, 0.1, 20, 0.15, 0.1, 0.1, 2.0)

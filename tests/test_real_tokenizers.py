@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from mlot_kernels import MultiLevelOTLoss, uld_loss
-from mlot_kernels.answers import IGNORE_INDEX, answer_positions
+from mlot_kernels.losses.answers import IGNORE_INDEX, answer_positions
 from mlot_kernels.distill import assets
 from mlot_kernels.distill.data import demo_examples
 from mlot_kernels.distill.models import load_model, load_tokenizer, output_layer, pad_with_eos
 from mlot_kernels.distill.prompts import (answer_end_id, collate, encode, prompt, query,
                                           templated)
 from mlot_kernels.distill.teacher_cache import TeacherCache, token_digest
-from mlot_kernels.outputs import Hidden
+from mlot_kernels.losses.outputs import Hidden
 
 # name -> (vocabulary, chat template, the token that ends an answer)
 TOKENIZERS = {

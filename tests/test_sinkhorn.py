@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mlot_kernels
-from mlot_kernels import reference
+from mlot_kernels.ops import reference
 from tests.conftest import assert_close_rel, make_problem, make_vectors, value_and_grads
 
 OPS = torch.ops.mlot

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mlot_kernels
-from mlot_kernels import reference, triton_ops
+from mlot_kernels.ops import reference, sinkhorn_triton
 from tests.conftest import assert_close_rel, make_problem, value_and_grads
 
 pytestmark = [
@@ -60,13 +60,13 @@ def test_bf16_inputs_compute_in_float32(gen, M, N):
     torch.testing.assert_close(gy, gy32.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("config", [triton_ops.Config(onchip=True),
-                                    triton_ops.Config(onchip=False, block_own=16, block_other=16)],
+@pytest.mark.parametrize("config", [sinkhorn_triton.Config(onchip=True),
+                                    sinkhorn_triton.Config(onchip=False, block_own=16, block_other=16)],
                          ids=["onchip", "tiled"])
 def test_gradcheck(gen, config):
     x, y, xl, yl = make_problem(gen, 2, 9, 7, 5, "logits", "random")
     x, y, xl, yl = x.cuda(), y.cuda(), xl.cuda(), yl.cuda()
-    fn = lambda a, b: triton_ops.sinkhorn_loss(a, b, xl, yl, 0.2, 6, 1.0, 1, False, config=config)
+    fn = lambda a, b: sinkhorn_triton.sinkhorn_loss(a, b, xl, yl, 0.2, 6, 1.0, 1, False, config=config)
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()))
 
 

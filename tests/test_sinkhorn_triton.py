@@ -1,4 +1,4 @@
-"""The Triton kernels of sinkhorn_loss (mlot_kernels.triton_ops) under the Triton interpreter on
+"""The Triton kernels of sinkhorn_loss (mlot_kernels.ops.sinkhorn_triton) under the Triton interpreter on
 CPU tensors: both regimes, forced with small tiles, against the float64 reference; gradcheck;
 opcheck through the op's schema; numerics at the edges. CUDA runs are in test_sinkhorn_cuda.py."""
 
@@ -8,21 +8,21 @@ import os
 import pytest
 import torch
 
-from mlot_kernels import reference, triton_ops
+from mlot_kernels.ops import reference, sinkhorn_triton
 from tests.conftest import assert_close_rel, make_problem, make_vectors, value_and_grads
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
 
 CONFIGS = {
-    "onchip": triton_ops.Config(onchip=True),
-    "tiled": triton_ops.Config(onchip=False, block_own=4, block_other=8),
+    "onchip": sinkhorn_triton.Config(onchip=True),
+    "tiled": sinkhorn_triton.Config(onchip=False, block_own=4, block_other=8),
 }
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 def triton_loss(config):
-    return functools.partial(triton_ops.sinkhorn_loss, config=config)
+    return functools.partial(sinkhorn_triton.sinkhorn_loss, config=config)
 
 
 # (B, M, N, K, p, temperature, kind, lengths, unit_marginals, detach_plan)
@@ -80,7 +80,7 @@ def test_gradcheck_exact(gen, config, case):
     (fast-mode gradcheck: the interpreter is slow)."""
     B, M, N, K, p, temperature, kind, lengths, unit = case
     x, y, xl, yl = make_problem(gen, B, M, N, K, kind, lengths)
-    fn = lambda a, b: triton_ops.sinkhorn_loss(a, b, xl, yl, 0.2, 5, temperature, p, unit,
+    fn = lambda a, b: sinkhorn_triton.sinkhorn_loss(a, b, xl, yl, 0.2, 5, temperature, p, unit,
                                                config=config)
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()), fast_mode=True)
 
@@ -98,7 +98,7 @@ def test_gradcheck_detached_plan(gen, config):
         plan = reference.transport_plan(cost(x, y), 0.2, 5, unit_marginals=False)
 
     def fn(x, y):  # value: the frozen-plan loss; gradient: the kernels' detached-plan gradient
-        op = triton_ops.sinkhorn_loss(x, y, detach_plan=True, config=config, **opts).sum()
+        op = sinkhorn_triton.sinkhorn_loss(x, y, detach_plan=True, config=config, **opts).sum()
         return op + ((plan * cost(x, y)).sum() - op).detach()
 
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()), fast_mode=True)
@@ -109,8 +109,8 @@ def triton_kernels_on_cpu(request):
     """The Triton launchers registered as the ops' CPU kernels, for this test only."""
     config = request.param
     with torch.library._scoped_library("mlot", "IMPL") as lib:
-        lib.impl("sinkhorn_forward", functools.partial(triton_ops.sinkhorn_forward, config=config), "CPU")
-        lib.impl("sinkhorn_backward", functools.partial(triton_ops.sinkhorn_backward, config=config), "CPU")
+        lib.impl("sinkhorn_forward", functools.partial(sinkhorn_triton.sinkhorn_forward, config=config), "CPU")
+        lib.impl("sinkhorn_backward", functools.partial(sinkhorn_triton.sinkhorn_backward, config=config), "CPU")
         yield config
 
 
@@ -126,7 +126,7 @@ def test_opcheck(gen, triton_kernels_on_cpu):
     torch.library.opcheck(torch.ops.mlot.sinkhorn_loss.default, (x, y, xl, yl, *options))
     torch.library.opcheck(torch.ops.mlot.sinkhorn_forward.default, (x, y, xl, yl, *options))
     loss, f_hist, g_hist = torch.ops.mlot.sinkhorn_forward(x.detach(), y.detach(), xl, yl, *options)
-    assert_close_rel(loss, triton_ops.sinkhorn_forward(x.detach(), y.detach(), xl, yl, *options,
+    assert_close_rel(loss, sinkhorn_triton.sinkhorn_forward(x.detach(), y.detach(), xl, yl, *options,
                                                        config=triton_kernels_on_cpu)[0], 0)
     grad = torch.rand(2, generator=gen)
     backward_options = options[:1] + options[2:]
@@ -140,9 +140,9 @@ def test_batch_and_strides(gen):
     x, y, xl, yl = make_problem(gen, 3, 10, 5, 6, "logits", "random", torch.float32)
     xs = x[:, ::2]
     xl = xl.clamp(max=5)
-    loss = triton_ops.sinkhorn_loss(xs, y, xl, yl, temperature=1.0, n_iters=5)
+    loss = sinkhorn_triton.sinkhorn_loss(xs, y, xl, yl, temperature=1.0, n_iters=5)
     for b in range(3):
-        alone = triton_ops.sinkhorn_loss(xs[b:b + 1].contiguous(), y[b:b + 1], xl[b:b + 1],
+        alone = sinkhorn_triton.sinkhorn_loss(xs[b:b + 1].contiguous(), y[b:b + 1], xl[b:b + 1],
                                          yl[b:b + 1], temperature=1.0, n_iters=5)
         assert torch.equal(alone, loss[b:b + 1])
 
@@ -203,8 +203,8 @@ def test_out_of_range_lengths_give_nan(gen, config):
     that problem's loss NaN and leaves the others alone."""
     x, y, _, _ = make_problem(gen, 3, 6, 5, 4, "probs", "full", torch.float32)
     xl, yl = torch.tensor([6, 9, 3]), torch.tensor([5, 5, -1])
-    loss = triton_ops.sinkhorn_forward(x, y, xl, yl, 0.1, 5, 0.0, 1, False, config=config)[0]
-    good = triton_ops.sinkhorn_forward(x[:1], y[:1], xl[:1], yl[:1], 0.1, 5, 0.0, 1, False,
+    loss = sinkhorn_triton.sinkhorn_forward(x, y, xl, yl, 0.1, 5, 0.0, 1, False, config=config)[0]
+    good = sinkhorn_triton.sinkhorn_forward(x[:1], y[:1], xl[:1], yl[:1], 0.1, 5, 0.0, 1, False,
                                        config=config)[0]
     assert torch.isnan(loss[1:]).all() and torch.equal(loss[:1], good)
 
@@ -212,16 +212,16 @@ def test_out_of_range_lengths_give_nan(gen, config):
 def test_bad_arguments_raise_the_ops_errors():
     """sinkhorn_loss checks its arguments as the op does; Config its tile sizes."""
     with pytest.raises(RuntimeError, match=r"sinkhorn_loss: p must be 1 or 2, got 3"):
-        triton_ops.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 4), p=3)
+        sinkhorn_triton.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 4), p=3)
     with pytest.raises(RuntimeError, match=r"same vector size K"):
-        triton_ops.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 6))
+        sinkhorn_triton.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 6))
     with pytest.raises(ValueError, match=r"Config: block_other must be a power of 2, got 12"):
-        triton_ops.Config(onchip=False, block_other=12)
+        sinkhorn_triton.Config(onchip=False, block_other=12)
 
 
 def test_regime_choice():
     """On-chip up to 256 x 256 padded entries, tiled beyond."""
-    assert triton_ops.choose_config(128, 128).onchip
-    assert triton_ops.choose_config(256, 200).onchip
-    assert not triton_ops.choose_config(257, 256).onchip
-    assert not triton_ops.choose_config(16, 8192).onchip
+    assert sinkhorn_triton.choose_config(128, 128).onchip
+    assert sinkhorn_triton.choose_config(256, 200).onchip
+    assert not sinkhorn_triton.choose_config(257, 256).onchip
+    assert not sinkhorn_triton.choose_config(16, 8192).onchip

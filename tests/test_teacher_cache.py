@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mlot_kernels import MultiLevelOTLoss, uld_loss
-from mlot_kernels.answers import answer_positions
+from mlot_kernels.losses.answers import answer_positions
 from mlot_kernels.distill.teacher_cache import TeacherCache, compact
-from mlot_kernels.outputs import Hidden
+from mlot_kernels.losses.outputs import Hidden
 from tests.loss_oracles import make_hidden_batch
 
 SETTINGS = [dict(preset="paper"), dict(preset="paper", ranking="token"),

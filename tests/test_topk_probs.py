@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mlot_kernels
-from mlot_kernels import reference
-from mlot_kernels.topk_probs import answer_topk_probs
+from mlot_kernels.ops import reference
+from mlot_kernels.ops.topk_probs import answer_topk_probs
 from tests.conftest import (assert_close_rel, check_half_logits, check_topk_probs,
                             defined_indices, make_lengths, make_logits, probs_indices_grad)
 

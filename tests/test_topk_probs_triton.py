@@ -1,4 +1,4 @@
-"""The Triton kernels of topk_probs (mlot_kernels.triton_topk) under the Triton interpreter on CPU
+"""The Triton kernels of topk_probs (mlot_kernels.ops.topk_probs_triton) under the Triton interpreter on CPU
 tensors: the public op's values, indices and gradients against the float64 reference with small
 column chunks, and those of the losses' op (answer rows, cross-entropy targets, two
 temperatures) against reference.answer_topk_probs; the row statistics and the backward against
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mlot_kernels import reference, triton_topk
+from mlot_kernels.ops import reference, topk_probs_triton
 from tests.conftest import (assert_close_rel, check_half_logits, check_topk_probs,
                             defined_indices, make_lengths, make_logits, probs_indices_grad)
 
@@ -44,7 +44,7 @@ ANSWER_IDS = ["B{}-L{}-A{}-V{}-k{}-T{}-std{}-block{}".format(*c[:5], ",".join(ma
 
 def kernels(block_v):
     """topk_probs through the Triton kernels with column chunks of block_v."""
-    return functools.partial(triton_topk.topk_probs, block_v=block_v)
+    return functools.partial(topk_probs_triton.topk_probs, block_v=block_v)
 
 
 # ------------------------------------------------------------------ helpers of the losses' op
@@ -141,7 +141,7 @@ def test_gradcheck(gen, ranking, std_scale):
     fast-mode gradcheck: the interpreter is slow)."""
     logits = make_logits(gen, (3, 2, 19)).requires_grad_()
     lengths = torch.tensor([2, 0, 1])
-    fn = lambda z: triton_topk.topk_probs(z, lengths, 10, 1.5, std_scale, ranking, block_v=8)[0]
+    fn = lambda z: topk_probs_triton.topk_probs(z, lengths, 10, 1.5, std_scale, ranking, block_v=8)[0]
     assert torch.autograd.gradcheck(fn, (logits,), fast_mode=True)
 
 
@@ -159,7 +159,7 @@ def test_answer_matches_float64_reference(gen, case, ranking, dtype):
     logits, rows, lengths, targets, clean = answer_problem(gen, case, dtype)
     w_probs, w_ce = answer_weights(gen, logits, rows, k, len(temperatures))
     options = dict(k=k, temperatures=temperatures, std_scale=std_scale, ranking=ranking)
-    probs, indices, ce, grad = answer_outputs(triton_topk.answer_topk_probs, logits, w_probs,
+    probs, indices, ce, grad = answer_outputs(topk_probs_triton.answer_topk_probs, logits, w_probs,
                                               w_ce, rows, lengths, targets, block_v=block_v,
                                               **options)
     e_probs, e_indices, e_ce, e_grad = answer_outputs(reference.answer_topk_probs, clean.double(),
@@ -191,9 +191,9 @@ def test_answer_half_logits_compute_in_float32(gen, dtype, ranking):
     targets = make_targets(gen, 2, 5, 40)
     w_probs, w_ce = answer_weights(gen, logits, rows, 9, 2)
     options = dict(k=9, temperatures=(1.0, 2.0), std_scale=True, ranking=ranking, block_v=16)
-    half = answer_outputs(triton_topk.answer_topk_probs, logits, w_probs, w_ce, rows, lengths,
+    half = answer_outputs(topk_probs_triton.answer_topk_probs, logits, w_probs, w_ce, rows, lengths,
                           targets, **options)
-    full = answer_outputs(triton_topk.answer_topk_probs, logits.float(), w_probs, w_ce, rows,
+    full = answer_outputs(topk_probs_triton.answer_topk_probs, logits.float(), w_probs, w_ce, rows,
                           lengths, targets, **options)
     assert half[0].dtype == half[2].dtype == torch.float32 and half[3].dtype == dtype
     assert torch.equal(half[1], full[1])
@@ -211,7 +211,7 @@ def test_answer_gradcheck(gen, ranking, std_scale):
     targets = torch.tensor([[4, -100, 0, -100], [-100, 8, -100, 2]])
 
     def fn(z):
-        out = triton_topk.answer_topk_probs(z, rows, lengths, targets, 4, (1.0, 1.7), std_scale,
+        out = topk_probs_triton.answer_topk_probs(z, rows, lengths, targets, 4, (1.0, 1.7), std_scale,
                                             ranking, block_v=8)
         return out.probs, out.ce
 
@@ -231,7 +231,7 @@ def test_stats_and_backward_match_the_cpu_kernels(gen, temperatures, std_scale):
     targets = make_targets(gen, B, L, V)
     temperatures = list(temperatures)
     args = (rows, lengths, targets, temperatures, std_scale, "sequence")
-    for a, e in zip(triton_topk.topk_probs_stats(logits, *args, block_v=8),
+    for a, e in zip(topk_probs_triton.topk_probs_stats(logits, *args, block_v=8),
                     OPS.topk_probs_stats(logits, *args)):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
@@ -242,7 +242,7 @@ def test_stats_and_backward_match_the_cpu_kernels(gen, temperatures, std_scale):
     for gp, gc in ((grad_probs, grad_ce), (None, grad_ce), (grad_probs, None), (None, None)):
         args = (gp, gc, logits, rows, lengths, targets, probs, indices, stats, temperatures,
                 std_scale, "sequence")
-        torch.testing.assert_close(triton_topk.topk_probs_backward(*args, block_v=8),
+        torch.testing.assert_close(topk_probs_triton.topk_probs_backward(*args, block_v=8),
                                    OPS.topk_probs_backward(*args), rtol=1e-12, atol=1e-12)
 
 
@@ -252,23 +252,23 @@ def test_strided_logits_are_read_in_place(gen):
     exact result, forward and backward (rows, lengths and targets in int32 here)."""
     full = make_logits(gen, (2, 6, 23), torch.float32)
     view = full[:, :-1]
-    assert triton_topk._logits(view).data_ptr() == view.data_ptr()
+    assert topk_probs_triton._logits(view).data_ptr() == view.data_ptr()
     transposed = view.contiguous().transpose(1, 2).contiguous().transpose(1, 2)
     assert transposed.stride(2) != 1 and torch.equal(transposed, view)
     rows, lengths = make_rows(gen, 2, 5, 3).int(), torch.tensor([3, 2], dtype=torch.int32)
     targets = make_targets(gen, 2, 5, 23).int()
     args = (rows, lengths, targets, 6, [1.0, 0.5], True, "sequence")
-    expected = triton_topk.topk_probs_forward(view.contiguous(), *args, block_v=8)
+    expected = topk_probs_triton.topk_probs_forward(view.contiguous(), *args, block_v=8)
     read = rows_read(view.shape, rows, lengths, targets)
     dirty = view.masked_fill(~read[..., None], float("nan"))
     grad_probs = torch.rand(expected[0].shape, generator=gen)
     grad_ce = torch.rand(expected[2].shape, generator=gen)
     grads = []
     for logits in (view, transposed, dirty):
-        out = triton_topk.topk_probs_forward(logits, *args, block_v=8)
+        out = topk_probs_triton.topk_probs_forward(logits, *args, block_v=8)
         for a, e in zip(out, expected):
             assert torch.equal(a, e)
-        grads.append(triton_topk.topk_probs_backward(
+        grads.append(topk_probs_triton.topk_probs_backward(
             grad_probs, grad_ce, logits, rows, lengths, targets, out[0], out[1], out[3],
             *args[4:], block_v=8))
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
@@ -281,7 +281,7 @@ def triton_kernels_on_cpu():
     only."""
     with torch.library._scoped_library("mlot", "IMPL") as lib:
         for op in ("topk_probs_stats", "topk_probs_forward", "topk_probs_backward"):
-            lib.impl(op, functools.partial(getattr(triton_topk, op), block_v=8), "CPU")
+            lib.impl(op, functools.partial(getattr(topk_probs_triton, op), block_v=8), "CPU")
         yield
 
 
@@ -303,7 +303,7 @@ def test_opcheck(gen, triton_kernels_on_cpu, ranking):
     forward_args = (rows, lengths, targets, 4, temperatures, True, ranking)
     torch.library.opcheck(OPS.topk_probs_forward.default, (logits, *forward_args))
     probs, indices, ce, stats = OPS.topk_probs_forward(logits.detach(), *forward_args)
-    direct = triton_topk.topk_probs_forward(logits.detach(), *forward_args, block_v=8)
+    direct = topk_probs_triton.topk_probs_forward(logits.detach(), *forward_args, block_v=8)
     for a, e in zip((probs, indices, ce, stats), direct):
         assert torch.equal(a, e)
     if ranking == "sequence":  # (the backward's schema and fake kernel: one ranking will do)
@@ -329,7 +329,7 @@ def test_constant_row_with_std_scale(gen):
                                           TOL[torch.float32], k=6, temperature=1.0, std_scale=True)
         assert torch.isfinite(probs).all() and torch.isfinite(grad).all()
     weights = torch.rand(2, 2, 6, generator=gen)
-    probs, _, grad = probs_indices_grad(triton_topk.topk_probs, logits, weights, None, 6,
+    probs, _, grad = probs_indices_grad(topk_probs_triton.topk_probs, logits, weights, None, 6,
                                         std_scale=True, ranking="token", block_v=16)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(probs[1, 0], torch.full((6,), 1 / 30))
@@ -356,8 +356,8 @@ def test_padding_is_never_read(gen):
     weights = torch.rand(2, 4, 5, generator=gen)
     for ranking in RANKINGS:
         opts = dict(k=5, ranking=ranking, block_v=8)
-        clean = probs_indices_grad(triton_topk.topk_probs, logits, weights, lengths, **opts)
-        dirty = probs_indices_grad(triton_topk.topk_probs, dirty_logits, weights, lengths, **opts)
+        clean = probs_indices_grad(topk_probs_triton.topk_probs, logits, weights, lengths, **opts)
+        dirty = probs_indices_grad(topk_probs_triton.topk_probs, dirty_logits, weights, lengths, **opts)
         for a, e in zip(dirty, clean):
             assert torch.equal(a, e)
         assert (clean[0][0, 2:] == 0).all() and (clean[2][0, 2:] == 0).all()
@@ -372,8 +372,8 @@ def test_out_of_range_lengths_give_nan(gen):
     lengths = torch.tensor([3, 7, -1])
     for ranking in ("token", "sequence"):
         options = (None, 5, [1.0], False, ranking)
-        probs = triton_topk.topk_probs_forward(logits, None, lengths, *options)[0]
-        alone = triton_topk.topk_probs_forward(logits[:1], None, lengths[:1], *options)[0]
+        probs = topk_probs_triton.topk_probs_forward(logits, None, lengths, *options)[0]
+        alone = topk_probs_triton.topk_probs_forward(logits[:1], None, lengths[:1], *options)[0]
         assert torch.isnan(probs[:, 1:]).all() and torch.equal(probs[:, :1], alone)
 
 
@@ -388,12 +388,12 @@ def test_bad_rows_and_lengths_give_nan(gen):
     tidy = torch.tensor([[0, 2, -5]])  # sequence 0 with another value past its length
     for ranking in ("token", "sequence"):
         options = (5, [1.0, 2.0], True, ranking)
-        probs, _, ce, _ = triton_topk.topk_probs_forward(logits, rows, lengths, targets, *options)
-        alone = triton_topk.topk_probs_forward(logits[:1], tidy, lengths[:1], targets[:1],
+        probs, _, ce, _ = topk_probs_triton.topk_probs_forward(logits, rows, lengths, targets, *options)
+        alone = topk_probs_triton.topk_probs_forward(logits[:1], tidy, lengths[:1], targets[:1],
                                                *options)
         assert torch.isnan(probs[:, 1:]).all() and torch.equal(probs[:, :1], alone[0])
         assert torch.isfinite(ce).all() and torch.equal(ce[:1], alone[2])
-    mass = triton_topk.topk_probs_stats(logits, rows, lengths, targets, [1.0], False,
+    mass = topk_probs_triton.topk_probs_stats(logits, rows, lengths, targets, [1.0], False,
                                         "sequence")[1]
     assert torch.isnan(mass[:, 1:]).all() and torch.isfinite(mass[:, 0]).all()
 
@@ -407,9 +407,9 @@ def test_bad_targets_give_nan(gen):
     fine = targets.masked_fill((targets >= 12) | ((targets < 0) & (targets != -100)), -100)
     for std_scale in (False, True):
         options = (6, [1.0], std_scale, "sequence")
-        probs, indices, ce, _ = triton_topk.topk_probs_forward(logits, rows, lengths, targets,
+        probs, indices, ce, _ = topk_probs_triton.topk_probs_forward(logits, rows, lengths, targets,
                                                                *options)
-        e_probs, e_indices, e_ce, _ = triton_topk.topk_probs_forward(logits, rows, lengths, fine,
+        e_probs, e_indices, e_ce, _ = topk_probs_triton.topk_probs_forward(logits, rows, lengths, fine,
                                                                      *options)
         bad = (targets != -100) & (fine == -100)
         assert bad.sum() == 2 and torch.isnan(ce[bad]).all()
@@ -422,31 +422,31 @@ def test_bad_arguments_raise():
     power of 2."""
     with pytest.raises(RuntimeError, match=r"topk_probs: ranking must be 'token', 'sequence' or "
                                            r"'batch', got 'vocab'"):
-        triton_topk.topk_probs(torch.rand(2, 3, 4), ranking="vocab")
+        topk_probs_triton.topk_probs(torch.rand(2, 3, 4), ranking="vocab")
     with pytest.raises(RuntimeError, match=r"topk_probs: k must be >= 1, got 0"):
-        triton_topk.topk_probs(torch.rand(2, 3, 4), k=0)
+        topk_probs_triton.topk_probs(torch.rand(2, 3, 4), k=0)
     with pytest.raises(ValueError, match=r"topk_probs: block_v must be a power of 2, got 12"):
-        triton_topk.topk_probs(torch.rand(2, 3, 4), block_v=12)
+        topk_probs_triton.topk_probs(torch.rand(2, 3, 4), block_v=12)
     logits, rows = torch.rand(2, 3, 4), torch.tensor([[0, 1], [2, 0]])
     with pytest.raises(RuntimeError, match=r"topk_probs: temperatures must hold 1 to 2 "
                                            r"temperatures, got 3"):
-        triton_topk.answer_topk_probs(logits, rows, None, None, 2, (1.0, 2.0, 3.0))
+        topk_probs_triton.answer_topk_probs(logits, rows, None, None, 2, (1.0, 2.0, 3.0))
     with pytest.raises(RuntimeError, match=r"topk_probs: temperatures\[1\] must be a finite "
                                            r"number > 0, got 0$"):
-        triton_topk.answer_topk_probs(logits, rows, None, None, 2, (1.0, 0.0))
+        topk_probs_triton.answer_topk_probs(logits, rows, None, None, 2, (1.0, 0.0))
     with pytest.raises(RuntimeError, match=r"topk_probs: rows must have shape \[B, A\] with B = 2, "
                                            r"got shape \[3, 2\]"):
-        triton_topk.answer_topk_probs(logits, torch.zeros(3, 2, dtype=torch.long), None)
+        topk_probs_triton.answer_topk_probs(logits, torch.zeros(3, 2, dtype=torch.long), None)
     with pytest.raises(RuntimeError, match=r"topk_probs: targets must have an integer dtype"):
-        triton_topk.answer_topk_probs(logits, rows, None, torch.zeros(2, 3))
+        topk_probs_triton.answer_topk_probs(logits, rows, None, torch.zeros(2, 3))
     with pytest.raises(RuntimeError, match=r"topk_probs: targets must have shape \[B, L\] = "
                                            r"\[2, 3\], got shape \[2, 4\]"):
-        triton_topk.answer_topk_probs(logits, rows, None, torch.zeros(2, 4, dtype=torch.long))
-    probs, indices, _, stats = triton_topk.topk_probs_forward(logits, rows, None, None, 2, [1.0],
+        topk_probs_triton.answer_topk_probs(logits, rows, None, torch.zeros(2, 4, dtype=torch.long))
+    probs, indices, _, stats = topk_probs_triton.topk_probs_forward(logits, rows, None, None, 2, [1.0],
                                                               False, "sequence")
     with pytest.raises(RuntimeError, match=r"topk_probs_backward: probs, indices and row_stats "
                                            r"must be those topk_probs_forward gives"):
-        triton_topk.topk_probs_backward(torch.ones_like(probs), None, logits, rows, None, None,
+        topk_probs_triton.topk_probs_backward(torch.ones_like(probs), None, logits, rows, None, None,
                                         probs, indices, stats, [1.0], False, "token")
     # the same messages as the CPU op's
     for call in (lambda op: op(logits, rows, None, None, 2, [1.0, 0.0], False, "token"),
@@ -455,5 +455,5 @@ def test_bad_arguments_raise():
         with pytest.raises(RuntimeError) as cpu:
             call(OPS.topk_probs_forward)
         with pytest.raises(RuntimeError) as triton:
-            call(triton_topk.topk_probs_forward)
+            call(topk_probs_triton.topk_probs_forward)
         assert str(cpu.value).splitlines()[0] == str(triton.value).splitlines()[0]

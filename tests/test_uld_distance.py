@@ -6,7 +6,7 @@ never read, mixed dtypes, and argument errors."""
 import pytest
 import torch
 
-from mlot_kernels import reference, uld_distance as ops
+from mlot_kernels.ops import reference, uld_distance as ops
 from tests.conftest import assert_close_rel, make_logits
 
 OPS = torch.ops.mlot

@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from mlot_kernels.answers import IGNORE_INDEX
+from mlot_kernels.losses.answers import IGNORE_INDEX
 
 
 def query(example):

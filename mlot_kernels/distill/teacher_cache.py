@@ -5,7 +5,7 @@ The losses read the teacher only through its logits at its answer rows, and thos
 output layer applied to its last hidden state there (:func:`mlot_kernels.distill.models.
 output_layer` checks that it is so). The cache stores, per training example, those hidden states
 (``[n_T, H]``, in the teacher's dtype) and later steps rebuild the teacher's outputs from them
-(:class:`mlot_kernels.outputs.Hidden`) with the teacher's output layer: every loss and every
+(:class:`mlot_kernels.losses.outputs.Hidden`) with the teacher's output layer: every loss and every
 option then runs on them as on the teacher's forward, including ``batch`` ranking (the
 ``official`` preset), whose column order depends on the whole batch, and ULD. A cached step costs
 the projection of the answer rows, not the teacher's forward.
@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from mlot_kernels.answers import IGNORE_INDEX, SPAN_RULES, answer_positions
+from mlot_kernels.losses.answers import IGNORE_INDEX, SPAN_RULES, answer_positions
 from mlot_kernels.distill.files import save_torch, write_json
 
 

@@ -10,7 +10,7 @@ its zero-shot prompt (:mod:`mlot_kernels.distill.prompts`). The tokens every tea
 starts with (its system turn, the worked examples) are read once
 (:mod:`mlot_kernels.distill.prefix_cache`). By default (``loss_from='hidden'``) neither model
 builds its logits: the losses read each model's last hidden state and output layer
-(:class:`mlot_kernels.outputs.Hidden`), projecting only the rows they need; a model whose logits
+(:class:`mlot_kernels.losses.outputs.Hidden`), projecting only the rows they need; a model whose logits
 are not its output layer applied to its last hidden state is refused by name
 (:func:`mlot_kernels.distill.models.output_layer`), and ``loss_from='logits'`` keeps the logits.
 AdamW and, by default, the paper's OneCycle schedule step once per global batch of
@@ -44,9 +44,9 @@ from mlot_kernels.distill.models import (DTYPES, HiddenStates, load_model, load_
 from mlot_kernels.distill.prompts import collate, encode, prompt
 from mlot_kernels.distill.files import replace_atomically, save_torch, write_json
 from mlot_kernels.distill.teacher_cache import TeacherCache, token_digest
-from mlot_kernels.multi_level_ot import MultiLevelOTLoss
-from mlot_kernels.outputs import Hidden, cross_entropy
-from mlot_kernels.uld import uld_loss
+from mlot_kernels.losses.multi_level_ot import MultiLevelOTLoss
+from mlot_kernels.losses.outputs import Hidden, cross_entropy
+from mlot_kernels.losses.uld import uld_loss
 
 METHODS = ("sft", "seqkd", "uld", "mlot")
 LOSS_FROM = ("hidden", "logits")
@@ -208,7 +208,7 @@ def seqkd_answers(teacher, tokenizer, examples, shots, cfg, world, path):
 class Method:
     """The loss of one method on a micro-batch: ``terms(indices, student, labels, teacher_batch)``
     -> the dict of loss terms, from the student's outputs (its logits, or
-    :class:`mlot_kernels.outputs.Hidden`) and labels, the micro-batch's example indices (the
+    :class:`mlot_kernels.losses.outputs.Hidden`) and labels, the micro-batch's example indices (the
     teacher cache's keys) and the teacher's collated batch. ``teacher_head`` is the teacher's
     output layer (weight, bias) where the teacher's outputs are hidden states."""
 

@@ -48,7 +48,7 @@ per row read (every other row gets 0):
     c = -\sum_t \frac{\sum_j p^t_j G^t_j z_{\mathrm{idx}^t_j} - \langle p^t, G^t\rangle E_{q^t}[z]}{T_t s^2}
 
 with ``G^t = dloss/dprobs[t]`` scattered to the chosen columns (the ``c`` term only with
-std_scale). CPU kernels: ``csrc/topk_probs_cpu.cpp``; CUDA: :mod:`mlot_kernels.triton_topk`.
+std_scale). CPU kernels: ``csrc/topk_probs_cpu.cpp``; CUDA: :mod:`mlot_kernels.ops.topk_probs_triton`.
 This module registers the fake kernels and the autograd formula.
 """
 
@@ -56,8 +56,8 @@ from typing import NamedTuple
 
 import torch
 
-from mlot_kernels import _library  # noqa: F401  (registers torch.ops.mlot)
-from mlot_kernels.sinkhorn import _compute_dtype
+from mlot_kernels.ops import _library  # noqa: F401  (registers torch.ops.mlot)
+from mlot_kernels.ops.sinkhorn import _compute_dtype
 
 BASE_STATS = 5  # row_stats columns: max z, s, mean, std, log_sum_ce; then 2 per temperature
 MAX_TEMPERATURES = 2

@@ -1,12 +1,12 @@
 r"""ULD's distance from hidden states: ``torch.ops.mlot.linear_uld``.
 
-The result of :func:`mlot_kernels.uld_distance.uld_distance` on the logits
+The result of :func:`mlot_kernels.ops.uld_distance.uld_distance` on the logits
 ``hidden @ weight.T + bias`` of both models, without building them: the student's rows read
 (the paired rows and those with a target) are projected a chunk at a time
-(:mod:`mlot_kernels.row_chunks`), with the teacher's rows paired with them, and
+(:mod:`mlot_kernels.ops.row_chunks`), with the teacher's rows paired with them, and
 ``torch.ops.mlot.uld_forward`` runs on each chunk's logits (ULD has no term across rows, so a
 chunk may hold rows of several sequences). The backward projects each chunk again and runs
-``torch.ops.mlot.uld_backward`` on it, then the matmuls of :class:`mlot_kernels.row_chunks.
+``torch.ops.mlot.uld_backward`` on it, then the matmuls of :class:`mlot_kernels.ops.row_chunks.
 LinearGrads` for each model whose inputs need a gradient.
 """
 
@@ -14,8 +14,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from mlot_kernels import row_chunks
-from mlot_kernels.uld_distance import STATS, _compute_dtype, forward_outputs
+from mlot_kernels.ops import row_chunks
+from mlot_kernels.ops.uld_distance import STATS, _compute_dtype, forward_outputs
 
 
 class _Chunk:
@@ -183,7 +183,7 @@ def linear_uld_distance(student_hidden, student_weight, student_bias, student_ro
                         student_targets, teacher_hidden, teacher_weight, teacher_bias,
                         teacher_rows, lengths, temperature=1.0):
     """``torch.ops.mlot.linear_uld``: (distance [B, A], ce [B, L_S]) of
-    :func:`mlot_kernels.uld_distance.uld_distance` on both models' logits
+    :func:`mlot_kernels.ops.uld_distance.uld_distance` on both models' logits
     ``hidden @ weight.T + bias``, without building them (module docstring). The teacher's
     inputs get gradients when they require them."""
     teacher_grad = any(t is not None and t.requires_grad

@@ -108,7 +108,7 @@ def topk_probs(logits, lengths=None, k=50, temperature=1.0, std_scale=False, ran
 
 def answer_topk_probs(logits, rows, lengths=None, targets=None, k=50, temperatures=(1.0,),
                       std_scale=False, ranking="sequence"):
-    """Reference of ``torch.ops.mlot.topk_probs_forward`` (:func:`mlot_kernels.topk_probs.
+    """Reference of ``torch.ops.mlot.topk_probs_forward`` (:func:`mlot_kernels.ops.topk_probs.
     answer_topk_probs`): the answer rows gathered, :func:`topk_probs` at each temperature, and
     the cross-entropy of every row that has a target. Returns (probs [n_t, B, A, k], indices
     [n_t, ...], ce [B, L])."""
@@ -138,7 +138,7 @@ def row_cross_entropy(logits, targets, dtype):
 
 def uld_distance(student_logits, student_rows, student_targets, teacher_logits, teacher_rows,
                  lengths, temperature=1.0):
-    """Reference of ``torch.ops.mlot.uld_forward`` (:func:`mlot_kernels.uld_distance.
+    """Reference of ``torch.ops.mlot.uld_forward`` (:func:`mlot_kernels.ops.uld_distance.
     uld_distance`): for each pair i < lengths[b], the sum of |differences| of the two rows'
     probability vectors at ``temperature``, each sorted descending and zero-padded to the larger
     vocabulary; and the student's cross-entropy per row. Returns (distance [B, A], ce [B, L_S])."""

@@ -1,7 +1,7 @@
 """The rows a hidden-state loss reads, and the chunks it projects them in.
 
-The losses' hidden-state paths (:mod:`mlot_kernels.linear_topk_probs`,
-:mod:`mlot_kernels.linear_uld_distance`) compute the logits ``hidden @ weight.T + bias`` only at
+The losses' hidden-state paths (:mod:`mlot_kernels.ops.linear_topk_probs`,
+:mod:`mlot_kernels.ops.linear_uld_distance`) compute the logits ``hidden @ weight.T + bias`` only at
 the rows they read, a chunk of rows at a time: no [rows, V] buffer beyond one chunk lives at
 once. A chunk holds about ``max(rows * H, V * H / WEIGHT_FRACTION)`` logits: as many as the
 gathered hidden states (Liger-Kernel's fused linear losses size their chunks so), but at least a

@@ -23,13 +23,13 @@ softmax at ``sd_temperature`` taken over the truncated vectors (``sd_softmax="tr
 iterations, ``SD = sum_b 0.001 SD_b``, and ``distill = 1.5 * (HAD + 0.1 SL + 0.1 SD)``.
 
 ``loss = ce + distill`` with ``ce`` the student's token-mean cross-entropy on its labels, as
-Hugging Face computes it (:func:`mlot_kernels.answers.causal_lm_cross_entropy`).
+Hugging Face computes it (:func:`mlot_kernels.losses.answers.causal_lm_cross_entropy`).
 
 Each model's logits are read once per pass, and only at the rows that carry a label or a term:
-one op per model (:func:`mlot_kernels.topk_probs.answer_topk_probs`) gives its truncations at
+one op per model (:func:`mlot_kernels.ops.topk_probs.answer_topk_probs`) gives its truncations at
 both temperatures and the student's cross-entropy, and writes its gradient in one buffer. In place
-of a model's logits the loss also takes :class:`mlot_kernels.outputs.Hidden` (its last hidden
-state and output layer), whose logits it never builds (:mod:`mlot_kernels.linear_topk_probs`).
+of a model's logits the loss also takes :class:`mlot_kernels.losses.outputs.Hidden` (its last hidden
+state and output layer), whose logits it never builds (:mod:`mlot_kernels.ops.linear_topk_probs`).
 Sequences without answer tokens add 0
 to every term (and ``n = 0`` gives ``HAD_b = SL_b = 0``); in ``SL_b``, ``log s`` is taken as
 ``log max(s, tiny)`` (tiny: the smallest normal number of the dtype), so a student vocabulary
@@ -43,10 +43,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from mlot_kernels import outputs
-from mlot_kernels.answers import (SPAN_RULES, answer_positions, batch_mean, ce_targets, pad_rows,
+from mlot_kernels.losses import outputs
+from mlot_kernels.losses.answers import (SPAN_RULES, answer_positions, batch_mean, ce_targets, pad_rows,
                                   token_mean)
-from mlot_kernels.outputs import Hidden, kernel_ops
+from mlot_kernels.losses.outputs import Hidden, kernel_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Options:
     temperature: float = 1.0         # token-level softmax temperature (tau)
     std_scale: bool = False          # z <- z / (std(z) + 1e-4) per logit row first
     ranking: str = "sequence"        # column order: 'token', 'sequence' or 'batch'
-    answer_span: str = "labels"      # answer rule: 'labels' or 'window' (mlot_kernels.answers)
+    answer_span: str = "labels"      # answer rule: 'labels' or 'window' (mlot_kernels.losses.answers)
     skip_student_eos: bool = False   # drop the student's last answer position
     had: bool = True                 # compute HAD
     sl: bool = True                  # compute SL
@@ -154,7 +154,7 @@ def temperatures(opts):
 def truncate_answers(source, labels, opts, kernels, model, drop_last=False, with_ce=False):
     """One model's answer rows (left-aligned) truncated by ``opts`` and, ``with_ce``, its
     token-mean cross-entropy on ``labels``, in one op that reads no other row of its logits
-    (``source``: the logits, or :class:`mlot_kernels.outputs.Hidden`; ``model`` names it in
+    (``source``: the logits, or :class:`mlot_kernels.losses.outputs.Hidden`; ``model`` names it in
     errors): (:class:`Truncated`, ce or None)."""
     outputs.check(source, labels, model)
     positions, lengths = answer_positions(labels, opts.answer_span, drop_last=drop_last)
@@ -169,7 +169,7 @@ def truncate_answers(source, labels, opts, kernels, model, drop_last=False, with
 
 def check_batch_sizes(student, teacher, names=("student_logits", "teacher_logits")):
     """A ValueError naming both tensors when their first dimensions (batch sizes) differ
-    (either may be :class:`mlot_kernels.outputs.Hidden`)."""
+    (either may be :class:`mlot_kernels.losses.outputs.Hidden`)."""
     student, teacher = (x.states if isinstance(x, Hidden) else x for x in (student, teacher))
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"student and teacher batch sizes differ: {names[0]} "
@@ -224,11 +224,11 @@ def multi_level_ot_loss(student_logits, teacher_logits, student_labels, teacher_
 
     Args:
         student_logits: [B, T_S, V_S]; teacher_logits: [B, T_T, V_T] (any vocabulary sizes);
-            either may be a :class:`mlot_kernels.outputs.Hidden` instead.
+            either may be a :class:`mlot_kernels.losses.outputs.Hidden` instead.
         student_labels: [B, T_S]; teacher_labels: [B, T_T] integer, -100 = ignored; the logit
             at position i predicts the label at i + 1.
         preset: 'paper' or 'official'.
-        kernels: 'fused' (torch.ops.mlot) or 'reference' (mlot_kernels.reference).
+        kernels: 'fused' (torch.ops.mlot) or 'reference' (mlot_kernels.ops.reference).
         **overrides: any field of :class:`Options`.
 
     The math is in this module's docstring.
@@ -248,7 +248,7 @@ class MultiLevelOTLoss(torch.nn.Module):
     The ``*_hidden`` methods take a model's last hidden state after its final norm [B, T, H],
     its output embedding ``weight`` [V, H] and ``bias`` [V] (or None) in place of its logits,
     and give the same results as on the logits ``hidden @ weight.T + bias`` without building
-    them (:mod:`mlot_kernels.linear_topk_probs`); gradients reach hidden, weight and bias.
+    them (:mod:`mlot_kernels.ops.linear_topk_probs`); gradients reach hidden, weight and bias.
     """
 
     def __init__(self, preset="paper", kernels="fused", **overrides):

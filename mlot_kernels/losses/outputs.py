@@ -6,14 +6,14 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from mlot_kernels import reference
-from mlot_kernels.answers import ce_targets, check_pair, token_mean
-from mlot_kernels.linear_topk_probs import linear_topk_probs
-from mlot_kernels.linear_uld_distance import linear_uld_distance
-from mlot_kernels.row_chunks import check_linear
-from mlot_kernels.sinkhorn import sinkhorn_loss
-from mlot_kernels.topk_probs import answer_topk_probs
-from mlot_kernels.uld_distance import uld_distance
+from mlot_kernels.ops import reference
+from mlot_kernels.losses.answers import ce_targets, check_pair, token_mean
+from mlot_kernels.ops.linear_topk_probs import linear_topk_probs
+from mlot_kernels.ops.linear_uld_distance import linear_uld_distance
+from mlot_kernels.ops.row_chunks import check_linear
+from mlot_kernels.ops.sinkhorn import sinkhorn_loss
+from mlot_kernels.ops.topk_probs import answer_topk_probs
+from mlot_kernels.ops.uld_distance import uld_distance
 
 
 class Hidden(NamedTuple):
@@ -26,8 +26,8 @@ class Hidden(NamedTuple):
 
 
 class Kernels(NamedTuple):
-    """The ops a loss runs on (their arguments: mlot_kernels.topk_probs.answer_topk_probs,
-    mlot_kernels.uld_distance.uld_distance and their hidden-state forms)."""
+    """The ops a loss runs on (their arguments: mlot_kernels.ops.topk_probs.answer_topk_probs,
+    mlot_kernels.ops.uld_distance.uld_distance and their hidden-state forms)."""
 
     answer_topk_probs: Callable
     linear_topk_probs: Callable

@@ -1,9 +1,9 @@
 r"""The fused truncation from hidden states: ``torch.ops.mlot.linear_topk_probs``.
 
-The result of :func:`mlot_kernels.topk_probs.answer_topk_probs` on the logits
+The result of :func:`mlot_kernels.ops.topk_probs.answer_topk_probs` on the logits
 ``z = hidden @ weight.T + bias`` ([B, L, V]), without ever building them: only the rows read
 (the answer rows ``rows[b, :lengths[b]]`` and the rows with a target) are projected, a chunk of
-rows at a time (:mod:`mlot_kernels.row_chunks`), each chunk's logits computed by
+rows at a time (:mod:`mlot_kernels.ops.row_chunks`), each chunk's logits computed by
 ``torch.nn.functional.linear`` in the inputs' dtype, as the model's output layer computes them.
 
 Forward, per chunk: the logits, then ``torch.ops.mlot.topk_probs_stats`` on them (the row
@@ -24,11 +24,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from mlot_kernels import row_chunks
-from mlot_kernels.sinkhorn import _compute_dtype
-from mlot_kernels.topk_probs import BASE_STATS, AnswerProbs, _indices_shape, stats_size
+from mlot_kernels.ops import row_chunks
+from mlot_kernels.ops.sinkhorn import _compute_dtype
+from mlot_kernels.ops.topk_probs import BASE_STATS, AnswerProbs, _indices_shape, stats_size
 
-_MAX, _SCALE = 0, 1  # row_stats columns (mlot_kernels.topk_probs); log_sum_t at BASE_STATS + 2 t
+_MAX, _SCALE = 0, 1  # row_stats columns (mlot_kernels.ops.topk_probs); log_sum_t at BASE_STATS + 2 t
 
 def _segments(sequence):
     """[(start, end, b)]: the runs of equal values of ``sequence`` (host)."""
@@ -202,7 +202,7 @@ linear_topk_probs_forward.register_autograd(_backward, setup_context=_setup_cont
 
 def linear_topk_probs(hidden, weight, bias, rows, lengths, targets=None, k=50,
                       temperatures=(1.0,), std_scale=False, ranking="sequence"):
-    """``torch.ops.mlot.linear_topk_probs``: :func:`mlot_kernels.topk_probs.answer_topk_probs`
+    """``torch.ops.mlot.linear_topk_probs``: :func:`mlot_kernels.ops.topk_probs.answer_topk_probs`
     of the logits ``hidden @ weight.T + bias`` without building them (module docstring).
 
     Args:
@@ -212,7 +212,7 @@ def linear_topk_probs(hidden, weight, bias, rows, lengths, targets=None, k=50,
         rows, lengths, targets, k, temperatures, std_scale, ranking: as for ``answer_topk_probs``
             (``lengths`` required).
 
-    Returns an :class:`mlot_kernels.topk_probs.AnswerProbs`; gradients reach ``hidden``,
+    Returns an :class:`mlot_kernels.ops.topk_probs.AnswerProbs`; gradients reach ``hidden``,
     ``weight`` and ``bias``.
     """
     probs, indices, ce, _ = linear_topk_probs_forward(hidden, weight, bias, rows, lengths, targets,

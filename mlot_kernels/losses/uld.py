@@ -1,6 +1,6 @@
 r"""The ULD baseline (Boizard et al., 2024): Universal Logit Distillation.
 
-With the answer rows of both models found as in :mod:`mlot_kernels.multi_level_ot` and
+With the answer rows of both models found as in :mod:`mlot_kernels.losses.multi_level_ot` and
 ``n = min(n_S, n_T)``, each row's full probability vector sorted descending (the smaller
 vocabulary zero-padded to the larger):
 
@@ -9,23 +9,23 @@ vocabulary zero-padded to the larger):
     \mathrm{ULD}_b = \frac1n \sum_{i<n} \sum_l \big|\mathrm{sort}(p^S_i)_l - \mathrm{sort}(p^T_i)_l\big|
 
 averaged over the batch; ``distill = weight * ULD`` and ``loss = ce + distill``. The distance
-and the student's cross-entropy come from one op, :func:`mlot_kernels.uld_distance.uld_distance`,
+and the student's cross-entropy come from one op, :func:`mlot_kernels.ops.uld_distance.uld_distance`,
 that reads only the paired rows and the labelled ones.
 """
 
 import torch
 
-from mlot_kernels import outputs
-from mlot_kernels.answers import answer_positions, batch_mean, ce_targets, token_mean
-from mlot_kernels.multi_level_ot import aligned_mean, check_batch_sizes, checked_option
-from mlot_kernels.outputs import Hidden, kernel_ops
+from mlot_kernels.losses import outputs
+from mlot_kernels.losses.answers import answer_positions, batch_mean, ce_targets, token_mean
+from mlot_kernels.losses.multi_level_ot import aligned_mean, check_batch_sizes, checked_option
+from mlot_kernels.losses.outputs import Hidden, kernel_ops
 
 
 def uld_loss(student_logits, teacher_logits, student_labels, teacher_labels, *, weight=1.5,
              temperature=1.0, answer_span="labels", skip_student_eos=False, kernels="fused"):
     """The ULD loss of a batch: a dict with ``loss`` (= ce + distill), ``ce``, ``distill`` and
     the unweighted ``uld``; arguments as for :func:`mlot_kernels.multi_level_ot_loss` (logits, or
-    :class:`mlot_kernels.outputs.Hidden`)."""
+    :class:`mlot_kernels.losses.outputs.Hidden`)."""
     ops = kernel_ops(kernels, "uld_loss")
     weight = checked_option("weight", weight, float, "uld_loss")
     temperature = checked_option("temperature", temperature, float, "uld_loss")
@@ -55,7 +55,7 @@ def uld_loss_from_hidden(student_hidden, student_weight, student_labels, teacher
     """:func:`uld_loss` from both models' last hidden states after their final norms [B, T, H],
     output embeddings ``*_weight`` [V, H] and biases [V] (or None): the same dict as on the
     logits ``hidden @ weight.T + bias``, without building them
-    (:mod:`mlot_kernels.linear_uld_distance`); ``options`` as for :func:`uld_loss`."""
+    (:mod:`mlot_kernels.ops.linear_uld_distance`); ``options`` as for :func:`uld_loss`."""
     return uld_loss(Hidden(student_hidden, student_weight, student_bias),
                     Hidden(teacher_hidden, teacher_weight, teacher_bias), student_labels,
                     teacher_labels, **options)

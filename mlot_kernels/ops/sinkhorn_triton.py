@@ -1,6 +1,6 @@
 r"""Triton kernels of ``sinkhorn_loss``: the CUDA implementation of ``torch.ops.mlot``.
 
-Same contract as the op (math in :mod:`mlot_kernels.sinkhorn`): for each problem ``b`` with
+Same contract as the op (math in :mod:`mlot_kernels.ops.sinkhorn`): for each problem ``b`` with
 ``m``, ``n`` valid rows, ``C_ij = sum_l |a_il - c_jl|^p`` over the (softmaxed) rows, ``n_iters``
 log-domain Sinkhorn iterations from ``f = g = 0``,
 
@@ -57,8 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mlot_kernels import _library  # noqa: F401  (registers torch.ops.mlot)
-from mlot_kernels.sinkhorn import _compute_dtype
+from mlot_kernels.ops import _library  # noqa: F401  (registers torch.ops.mlot)
+from mlot_kernels.ops.sinkhorn import _compute_dtype
 
 # On-chip regime up to this many (padded) cost entries: 256 x 256.
 ONCHIP_MAX_ENTRIES = 256 * 256

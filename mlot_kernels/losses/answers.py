@@ -76,7 +76,7 @@ def pad_rows(rows, length):
 
 def ce_targets(labels):
     """[B, T]: the label each logit row predicts, ``labels[:, i + 1]`` (-100 for the last row):
-    the ``targets`` of :func:`mlot_kernels.topk_probs.answer_topk_probs`."""
+    the ``targets`` of :func:`mlot_kernels.ops.topk_probs.answer_topk_probs`."""
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 

@@ -34,7 +34,7 @@ either model's logits are float64.
 
 import torch
 
-from mlot_kernels import _library  # noqa: F401  (registers torch.ops.mlot)
+from mlot_kernels.ops import _library  # noqa: F401  (registers torch.ops.mlot)
 
 STATS = 4  # row statistics: max z, log_sum, log_sum_ce, dot
 IGNORE_INDEX = -100

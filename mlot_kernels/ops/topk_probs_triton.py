@@ -1,6 +1,6 @@
 r"""Triton kernels of ``topk_probs``: the CUDA implementation of ``torch.ops.mlot``.
 
-Same contract as the ops (math in :mod:`mlot_kernels.topk_probs`; every number as the CPU
+Same contract as the ops (math in :mod:`mlot_kernels.ops.topk_probs`; every number as the CPU
 kernels of ``csrc/topk_probs_cpu.cpp`` compute it). ``logits`` [B, L, V]; the answer rows of
 sequence ``b`` are ``rows[b, i]``, ``i < lengths[b]`` (no rows: every row, A = L); a row with
 ``targets[b, l] != -100`` is a cross-entropy row; the other rows are never read. For each answer
@@ -78,10 +78,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mlot_kernels.sinkhorn import _compute_dtype
-from mlot_kernels.topk_probs import (BASE_STATS, MAX_TEMPERATURES, AnswerProbs, _indices_shape,
+from mlot_kernels.ops.sinkhorn import _compute_dtype
+from mlot_kernels.ops.topk_probs import (BASE_STATS, MAX_TEMPERATURES, AnswerProbs, _indices_shape,
                                      stats_size)
-from mlot_kernels.triton_ops import _length, _split
+from mlot_kernels.ops.sinkhorn_triton import _length, _split
 
 # Columns per chunk of the row statistics: their reductions along V favour long chunks. Their
 # sums of exps are kept per column of the chunk (up to five of them), so float64 logits get
@@ -753,8 +753,8 @@ def topk_probs(logits, lengths=None, k=50, temperature=1.0, std_scale=False, ran
 
 def answer_topk_probs(logits, rows, lengths, targets=None, k=50, temperatures=(1.0,),
                       std_scale=False, ranking="sequence", *, block_v=None):
-    """:func:`mlot_kernels.topk_probs.answer_topk_probs` through the Triton kernels, on the
-    tensors' device, with autograd: :class:`~mlot_kernels.topk_probs.AnswerProbs` (probs
+    """:func:`mlot_kernels.ops.topk_probs.answer_topk_probs` through the Triton kernels, on the
+    tensors' device, with autograd: :class:`~mlot_kernels.ops.topk_probs.AnswerProbs` (probs
     [n_t, B, A, k], indices, ce [B, L]). ``block_v`` as for :func:`topk_probs`."""
     temperatures = [float(t) for t in temperatures]
     _check_args(logits, rows, lengths, targets, k, temperatures, std_scale, ranking)

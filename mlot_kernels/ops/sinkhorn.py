@@ -35,7 +35,7 @@ dtype. This module registers the op's fake kernels and autograd formula.
 
 import torch
 
-from mlot_kernels import _library  # noqa: F401  (registers torch.ops.mlot)
+from mlot_kernels.ops import _library  # noqa: F401  (registers torch.ops.mlot)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

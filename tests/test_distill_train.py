@@ -161,6 +161,11 @@ def test_a_finished_run_is_not_overwritten(tiny, tmp_path):
     train(TrainConfig(**tiny.config(tmp_path, method="sft", max_steps=1)))
     with pytest.raises(FileExistsError, match="pass resume"):
         train(TrainConfig(**tiny.config(tmp_path, method="sft", max_steps=1)))
+    # a truncated checkpoint stops the resume with its file's name
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"cannot read the checkpoint {checkpoint}"):
+        train(TrainConfig(**tiny.config(tmp_path, method="sft", max_steps=2, resume=True)))
 
 
 def test_config_file_and_flags(tiny, tmp_path):

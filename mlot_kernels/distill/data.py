@@ -25,6 +25,8 @@ import json
 import os
 import random
 
+from mlot_kernels.distill.prompts import Conversation, qa_messages
+
 FORMATS = ("qed", "fairytaleqa", "dialogsum", "jsonl", "fanoutqa")
 METRIC = {"qed": "qa", "fairytaleqa": "rouge", "dialogsum": "rouge", "jsonl": "qa",
           "fanoutqa": "qa"}
@@ -282,6 +284,77 @@ def load_examples(source, format, split="train", limit=None):
         except _BadRecord as error:
             raise ValueError(f"{source}: {where} ({format} format): {error}") from None
     return examples
+
+
+def _messages(record, name):
+    """``record[name]``: a non-empty list of ``{"role": str, "content": str}`` messages."""
+    messages = record.get(name)
+    if not isinstance(messages, list) or not messages:
+        raise _BadRecord(f"field {name!r} must be a non-empty list of messages, got "
+                         f"{messages!r:.80}")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise _BadRecord(f"field {name!r}: message {i} must be an object with string 'role' "
+                             f"and 'content', got {message!r:.80}")
+    return [dict(role=m["role"], content=m["content"]) for m in messages]
+
+
+def _conversation(record):
+    """The :class:`Conversation` of one training row in one of TRL's formats or this project's
+    QA format (:func:`conversations`)."""
+    if "messages" in record:
+        messages = _messages(record, "messages")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise _BadRecord("field 'messages' must end with an 'assistant' message (the "
+                             f"completion) after at least one other, got roles "
+                             f"{[m['role'] for m in messages]}")
+        return Conversation(tuple(messages[:-1]), messages[-1]["content"])
+    if "prompt" in record or "completion" in record:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        for name, value in (("prompt", prompt), ("completion", completion)):
+            if value is None:
+                raise _BadRecord(f"missing field {name!r} (TRL's prompt/completion format)")
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return Conversation((dict(role="user", content=prompt),), completion, text=True)
+        if isinstance(prompt, list) and isinstance(completion, list):
+            answer = _messages(record, "completion")
+            if len(answer) != 1 or answer[0]["role"] != "assistant":
+                raise _BadRecord("field 'completion' must hold one 'assistant' message, got "
+                                 f"roles {[m['role'] for m in answer]}")
+            return Conversation(tuple(_messages(record, "prompt")), answer[0]["content"])
+        raise _BadRecord("fields 'prompt' and 'completion' must both be strings (standard) or "
+                         f"both lists of messages (conversational), got "
+                         f"{type(prompt).__name__} and {type(completion).__name__}")
+    if "question" in record or "answer" in record:
+        example = _generic(record, 0)
+        return Conversation(tuple(qa_messages(example)), example.answer)
+    raise _BadRecord("expected TRL's 'prompt' and 'completion' or 'messages' fields, or this "
+                     f"project's 'question' and 'answer'; got fields {sorted(record)}")
+
+
+def conversations(rows, name="dataset"):
+    """The :class:`Conversation` of every row of ``rows`` (a list, a ``datasets.Dataset`` or
+    any iterable of dicts), or a ValueError naming the row and the field.
+
+    Rows are read as TRL's formats: standard ``{"prompt": str, "completion": str}``;
+    conversational ``{"messages": [...]}`` (the last message, the assistant's, is the
+    completion) or ``{"prompt": [messages], "completion": [one assistant message]}``; or this
+    project's QA rows (``context``, ``question``, ``answer``, as ``jsonl``) and
+    :class:`Example`. Extra fields are ignored.
+    """
+    out = []
+    for index, record in enumerate(rows):
+        if isinstance(record, Example):
+            out.append(Conversation(tuple(qa_messages(record)), record.answer))
+            continue
+        try:
+            if not isinstance(record, dict):
+                raise _BadRecord(f"expected a dict, got {type(record).__name__}")
+            out.append(_conversation(record))
+        except _BadRecord as error:
+            raise ValueError(f"{name}: row {index}: {error}") from None
+    return out
 
 
 def write_jsonl(examples, path):

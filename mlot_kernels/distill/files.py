@@ -22,3 +22,14 @@ def write_json(obj, path):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
     replace_atomically(path, write)
+
+
+def load_torch(path, what, weights_only=True):
+    """``torch.load(path)``, or a ValueError that names the file and ``what`` it holds (a
+    truncated or foreign file never yields another state)."""
+    import torch
+    try:
+        return torch.load(path, weights_only=weights_only)
+    except Exception as error:
+        raise ValueError(f"cannot read {what} {path} ({type(error).__name__}: {error}); it is "
+                         "truncated or not one; remove it") from error

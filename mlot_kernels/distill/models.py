@@ -71,6 +71,12 @@ class HiddenStates(torch.nn.Module):
                                      **cache).last_hidden_state
 
 
+def sample_ids(sequences, device, length=16):
+    """[1, length] token ids of the first of ``sequences`` (:class:`mlot_kernels.distill.
+    prompts.Encoded`): the input on which :func:`output_layer` checks a model's head."""
+    return torch.tensor([sequences[0].input_ids[:length]], device=device)
+
+
 def output_layer(model, sample_ids):
     """(weight [V, H], bias [V] or None) of ``model``'s output layer, once checked to give its
     logits from its last hidden state on ``sample_ids`` [1, T]; a model whose logits are

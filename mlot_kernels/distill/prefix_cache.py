@@ -45,6 +45,7 @@ class PrefixCache:
 
     def __init__(self, model, prefix):
         self.length = len(prefix)
+        self.ids = torch.tensor(prefix, dtype=torch.long)
         # the forward's name for it: `cache` (transformers 5.24 here), or `past_key_values`
         self.name = "cache" if "cache" in inspect.signature(model.forward).parameters \
             else "past_key_values"
@@ -54,6 +55,11 @@ class PrefixCache:
             out = model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids),
                                    use_cache=True)
         self.cache = getattr(out, self.name)
+
+    def starts(self, input_ids):
+        """Whether every row of ``input_ids`` [B, T] starts with the prefix."""
+        head = input_ids[:, :self.length]
+        return head.shape[1] == self.length and bool((head == self.ids.to(head.device)).all())
 
     def expand(self, batch):
         """``{name: cache}``, the keyword argument of a forward (or ``generate``) on ``batch``

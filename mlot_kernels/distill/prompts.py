@@ -8,6 +8,10 @@ answer and the token that ends an answer (:func:`answer_end_id`): `` {answer}{eo
 chat template, ``{answer}{end of turn}`` with one (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for
 Llama 3). The labels are the answer tokens and that end token, -100 on the prompt and padding
 (the Hugging Face convention).
+
+Any other prompt is a :class:`Conversation` (TRL's prompt/completion and messages rows,
+:mod:`mlot_kernels.distill.data`), written the same way. :class:`DistillationCollator` pads a
+batch of both models' sequences.
 """
 
 import dataclasses
@@ -35,20 +39,56 @@ def answer_text(tokenizer, answer):
     return answer if templated(tokenizer) else f" {answer}"
 
 
+def qa_messages(example, shots=()):
+    """The conversation of a QA prompt: one user turn per worked example's query and one
+    assistant turn per its answer, then the example's query."""
+    turns = []
+    for shot in shots:
+        turns += [dict(role="user", content=query(shot)), dict(role="assistant", content=shot.answer)]
+    return turns + [dict(role="user", content=query(example))]
+
+
 def prompt(tokenizer, example, shots=()):
-    """``example``'s prompt after the worked examples ``shots`` (zero-shot when empty), through
-    ``tokenizer``'s chat template when it has one: the template's rendering of the conversation
-    up to the answer's content, so that prompt and answer are exactly what the template writes
-    (Qwen3's empty ``<think>`` block included)."""
+    """``example``'s prompt after the worked examples ``shots`` (zero-shot when empty):
+    :func:`chat_prompt` of :func:`qa_messages`."""
+    return chat_prompt(tokenizer, qa_messages(example, shots))
+
+
+def chat_prompt(tokenizer, messages):
+    """The text before the assistant's answer to ``messages`` (``{"role", "content"}`` dicts).
+
+    With a chat template: the template's rendering of the conversation up to the answer's
+    content, so that prompt and answer are exactly what the template writes (Qwen3's empty
+    ``<think>`` block included). Without one: the contents in order, an assistant's content
+    after a space behind the turn it answers and followed by a blank line, other turns apart by
+    a blank line (the QA prompt ``Context: ...\nQuestion: ...\nAnswer: {answer}\n\n...``).
+    """
     if templated(tokenizer):
-        turns = []
-        for shot in shots:
-            turns += [dict(role="user", content=query(shot)),
-                      dict(role="assistant", content=answer_text(tokenizer, shot.answer))]
-        turns.append(dict(role="user", content=query(example)))
-        return _around_answer(tokenizer, turns)[0]
-    return "".join(f"{query(shot)}{answer_text(tokenizer, shot.answer)}\n\n" for shot in shots) + \
-        query(example)
+        return _around_answer(tokenizer, list(messages))[0]
+    text = ""
+    for message in messages:
+        if message["role"] == "assistant":
+            text += f"{answer_text(tokenizer, message['content'])}\n\n"
+        else:
+            text += ("\n\n" if text and not text.endswith("\n\n") else "") + message["content"]
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A prompt and its answer, tokenizer-free: ``messages`` before the answer ``completion``.
+    ``text`` marks TRL's standard (text) format: without a chat template its one user message and
+    its completion are written as they are, one after the other."""
+
+    messages: tuple
+    completion: str
+    text: bool = False
+
+    def render(self, tokenizer):
+        """(prompt text, answer text) of this conversation for ``tokenizer``."""
+        if self.text and not templated(tokenizer):
+            return self.messages[0]["content"], self.completion
+        return chat_prompt(tokenizer, self.messages), answer_text(tokenizer, self.completion)
 
 
 _MARK = "Z9q7x"  # an answer that no template writes
@@ -98,12 +138,24 @@ class Encoded:
 
 
 def encode(tokenizer, prompt_text, answer, max_length):
-    """``prompt_text`` then ``answer`` and its end token (:func:`answer_end_id`), tokenised
-    separately (no merge across the boundary), at most ``max_length`` tokens: the prompt loses
-    tokens from its start first (the query is at its end), then the answer from its end."""
+    """``prompt_text`` then ``answer`` (:func:`answer_text`) and its end token
+    (:func:`encode_text`)."""
+    return encode_text(tokenizer, prompt_text, answer_text(tokenizer, answer), max_length)
+
+
+def encode_conversation(tokenizer, conversation, max_length):
+    """A :class:`Conversation` as ``tokenizer`` writes it (:func:`encode_text`)."""
+    return encode_text(tokenizer, *conversation.render(tokenizer), max_length)
+
+
+def encode_text(tokenizer, prompt_text, answer, max_length):
+    """``prompt_text`` then the text ``answer`` and its end token (:func:`answer_end_id`),
+    tokenised separately (no merge across the boundary), at most ``max_length`` tokens: the
+    prompt loses tokens from its start first (the query is at its end), then the answer from
+    its end."""
     end = answer_end_id(tokenizer)
     prompt_ids = prompt_token_ids(tokenizer, prompt_text)
-    answer_ids = tokenizer(answer_text(tokenizer, answer), add_special_tokens=False).input_ids + [end]
+    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [end]
     answer_ids = answer_ids[:max_length - 1]
     prompt_ids = prompt_ids[max(len(prompt_ids) - (max_length - len(answer_ids)), 0):]
     return Encoded(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids)
@@ -132,6 +184,42 @@ def collate(sequences, pad_id):
         labels[row, :n] = torch.tensor(sequence.labels)
         mask[row, :n] = 1
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def features(index, student, teacher=None):
+    """One example as :class:`DistillationCollator` reads it: its ``index`` (the teacher cache's
+    key) and the student's and teacher's :class:`Encoded` sequences."""
+    row = dict(index=index, input_ids=student.input_ids, labels=student.labels)
+    if teacher is not None:
+        row |= dict(teacher_input_ids=teacher.input_ids, teacher_labels=teacher.labels)
+    return row
+
+
+class DistillationCollator:
+    """A batch of :func:`features` rows: the student's right-padded ``input_ids``,
+    ``attention_mask`` and ``labels`` [B, T] (:func:`collate`), the teacher's as
+    ``teacher_input_ids``, ``teacher_attention_mask`` and ``teacher_labels`` [B, T'] (where the
+    rows have them), and ``index`` [B]."""
+
+    def __init__(self, pad_token_id, teacher_pad_token_id=None):
+        self.pad_token_id, self.teacher_pad_token_id = pad_token_id, teacher_pad_token_id
+
+    def __call__(self, rows):
+        batch = collate([Encoded(r["input_ids"], r["labels"]) for r in rows], self.pad_token_id)
+        batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+        if rows and "teacher_input_ids" in rows[0]:
+            teacher = collate([Encoded(r["teacher_input_ids"], r["teacher_labels"]) for r in rows],
+                              self.teacher_pad_token_id)
+            batch |= {f"teacher_{key}": value for key, value in teacher.items()}
+        return batch
+
+
+def teacher_inputs(batch):
+    """The teacher's ``input_ids``, ``attention_mask`` and ``labels`` of a
+    :class:`DistillationCollator` batch (None without them)."""
+    inputs = {key[len("teacher_"):]: value for key, value in batch.items()
+              if key.startswith("teacher_")}
+    return inputs or None
 
 
 def left_pad(prompts, pad_id):

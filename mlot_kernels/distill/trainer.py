@@ -39,16 +39,13 @@ import torch.distributed as dist
 from mlot_kernels.distill import prefix_cache
 from mlot_kernels.distill.data import FORMATS, METRIC, load_examples, write_jsonl
 from mlot_kernels.distill.evaluate import evaluate, generate
+from mlot_kernels.distill.files import load_torch, replace_atomically, save_torch, write_json
+from mlot_kernels.distill.methods import METHODS, TEACHER_METHODS, Method, hidden
 from mlot_kernels.distill.models import (DTYPES, HiddenStates, load_model, load_tokenizer,
-                                         output_layer, resolve_device)
-from mlot_kernels.distill.prompts import collate, encode, prompt
-from mlot_kernels.distill.files import replace_atomically, save_torch, write_json
-from mlot_kernels.distill.teacher_cache import TeacherCache, token_digest
-from mlot_kernels.losses.multi_level_ot import MultiLevelOTLoss
-from mlot_kernels.losses.outputs import Hidden, cross_entropy
-from mlot_kernels.losses.uld import uld_loss
-
-METHODS = ("sft", "seqkd", "uld", "mlot")
+                                         output_layer, resolve_device, sample_ids)
+from mlot_kernels.distill.prompts import DistillationCollator, encode, features, prompt, \
+    teacher_inputs
+from mlot_kernels.distill.teacher_cache import token_digest
 LOSS_FROM = ("hidden", "logits")
 SCHEDULES = ("onecycle", "constant")
 FINAL_WINDOW = 10  # summary.json's final loss terms: the mean over this many last steps
@@ -205,64 +202,6 @@ def seqkd_answers(teacher, tokenizer, examples, shots, cfg, world, path):
     return generated
 
 
-class Method:
-    """The loss of one method on a micro-batch: ``terms(indices, student, labels, teacher_batch)``
-    -> the dict of loss terms, from the student's outputs (its logits, or
-    :class:`mlot_kernels.losses.outputs.Hidden`) and labels, the micro-batch's example indices (the
-    teacher cache's keys) and the teacher's collated batch. ``teacher_head`` is the teacher's
-    output layer (weight, bias) where the teacher's outputs are hidden states."""
-
-    def __init__(self, cfg, teacher, cache_fingerprint, teacher_head=None, prefix=None):
-        self.cfg, self.teacher, self.teacher_head, self.prefix = cfg, teacher, teacher_head, prefix
-        self.loss_fn = None
-        self.cache = None
-        if cfg.method == "mlot":
-            self.loss_fn = MultiLevelOTLoss(cfg.preset, cfg.kernels, **cfg.loss_options)
-        if cfg.teacher_cache:
-            answer_span = self.loss_fn.options.answer_span if self.loss_fn else "labels"
-            self.cache = TeacherCache(cfg.teacher_cache, cache_fingerprint, answer_span)
-        self.teacher_forwards = 0
-
-    def teacher_forward(self, batch, hidden):
-        """(the teacher's last hidden state (``hidden``) or logits, labels) on a batch, without
-        gradients; with a ``prefix`` (:class:`mlot_kernels.distill.prefix_cache.PrefixCache`)
-        on the sequences after it, the labels cut alike."""
-        self.teacher_forwards += 1
-        shared = self.prefix.length if self.prefix else 0
-        ids = batch["input_ids"][:, shared:]
-        inputs = dict(input_ids=ids, attention_mask=batch["attention_mask"])
-        if self.prefix:
-            inputs |= self.prefix.expand(ids.shape[0])
-        with torch.no_grad():
-            out = HiddenStates(self.teacher)(**inputs) if hidden else self.teacher(**inputs).logits
-        return out, batch["labels"][:, shared:]
-
-    def teacher_outputs(self, indices, batch):
-        """(outputs, labels) of the teacher for the loss: its hidden states from the cache (filled
-        on a miss, then read back, so that every epoch sees the same states) or from its
-        forward, or its logits."""
-        if self.cache:
-            stored = self.cache.get(indices, batch["labels"].device)
-            if stored is None:
-                self.cache.put(indices, *self.teacher_forward(batch, True))
-                stored = self.cache.get(indices, batch["labels"].device)
-            return Hidden(stored[0], *self.teacher_head), stored[1]
-        if self.teacher_head is not None:
-            hidden, labels = self.teacher_forward(batch, True)
-            return Hidden(hidden, *self.teacher_head), labels
-        return self.teacher_forward(batch, False)
-
-    def terms(self, indices, student, labels, teacher_batch):
-        cfg = self.cfg
-        if cfg.method in ("sft", "seqkd"):
-            ce = cross_entropy(student, labels, cfg.kernels)
-            return dict(loss=ce, ce=ce)
-        teacher, teacher_labels = self.teacher_outputs(indices, teacher_batch)
-        if cfg.method == "uld":
-            return uld_loss(student, teacher, labels, teacher_labels, kernels=cfg.kernels)
-        return self.loss_fn(student, teacher, labels, teacher_labels)
-
-
 def build_optimizer(model, cfg, total_steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
@@ -281,7 +220,7 @@ def comparable(cfg):
 def load_checkpoint(cfg, path, world):
     if not os.path.exists(path):
         raise FileNotFoundError(f"resume: no checkpoint at {path}")
-    state = torch.load(path, weights_only=False)
+    state = load_torch(path, "the checkpoint", weights_only=False)
     if state["config"] != comparable(cfg):
         changed = sorted(k for k in comparable(cfg) if state["config"].get(k) != comparable(cfg)[k])
         raise ValueError(f"resume: {path} was written with other settings (differing: {changed})")
@@ -355,12 +294,12 @@ def _train(cfg, device, world):
                          f"{world.world} processes = {global_batch})")
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     optimizer, scheduler = build_optimizer(student, cfg, total_steps)
-    hidden = cfg.loss_from == "hidden"
-    student_head = output_layer(student, sample_ids(student_seqs, device)) if hidden else None
+    from_hidden = cfg.loss_from == "hidden"
+    student_head = output_layer(student, sample_ids(student_seqs, device)) if from_hidden else None
     teacher_head = None
-    if teacher is not None and cfg.method != "seqkd" and (hidden or cfg.teacher_cache):
+    if cfg.method in TEACHER_METHODS and (from_hidden or cfg.teacher_cache):
         teacher_head = output_layer(teacher, sample_ids(teacher_seqs, device))
-    model = HiddenStates(student) if hidden else student
+    model = HiddenStates(student) if from_hidden else student
     if world.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -371,10 +310,17 @@ def _train(cfg, device, world):
                        teacher_dtype=cfg.teacher_dtype,
                        teacher_tokens=token_digest(teacher_seqs) if cfg.teacher_cache else None)
     prefix = None
-    if cfg.method in ("uld", "mlot"):
+    if cfg.method in TEACHER_METHODS:
         prefix = prefix_cache.build(teacher, [s.input_ids for s in teacher_seqs],
                                     [s.prompt_length for s in teacher_seqs])
-    method = Method(cfg, teacher, fingerprint, teacher_head, prefix)
+    method = Method(cfg.method, teacher, kernels=cfg.kernels, teacher_head=teacher_head,
+                    prefix=prefix, cache_dir=cfg.teacher_cache, cache_fingerprint=fingerprint,
+                    loss_options=dict(cfg.loss_options, preset=cfg.preset)
+                    if cfg.method == "mlot" else None)
+    rows = [features(i, s, teacher_seqs[i] if teacher_seqs else None)
+            for i, s in enumerate(student_seqs)]
+    collator = DistillationCollator(student_tok.pad_token_id,
+                                    teacher_tok.pad_token_id if teacher_tok else None)
 
     start = 0
     if cfg.resume:
@@ -393,10 +339,6 @@ def _train(cfg, device, world):
         else:
             open(log_path, "w").close()
 
-    def batch_of(sequences, tokenizer, mine):
-        return {k: v.to(device) for k, v in collate([sequences[i] for i in mine],
-                                                    tokenizer.pad_token_id).items()}
-
     bar = progress(total_steps, start, world.main)
     wall = time.perf_counter()
     for step in range(start, total_steps):
@@ -406,13 +348,12 @@ def _train(cfg, device, world):
         for micro in range(cfg.grad_accum):
             first = (micro * world.world + world.rank) * cfg.batch_size
             mine = indices[first:first + cfg.batch_size]
-            batch = batch_of(student_seqs, student_tok, mine)
-            teacher_batch = batch_of(teacher_seqs, teacher_tok, mine) if teacher else None
+            batch = {k: v.to(device) for k, v in collator([rows[i] for i in mine]).items()}
             sync = micro == cfg.grad_accum - 1 or world.world == 1
             with contextlib.nullcontext() if sync else model.no_sync():
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                outputs = Hidden(out, *student_head) if hidden else out.logits
-                terms = method.terms(mine, outputs, batch["labels"], teacher_batch)
+                outputs = hidden(out, *student_head) if from_hidden else out.logits
+                terms = method.terms(mine, outputs, batch["labels"], teacher_inputs(batch))
                 (terms["loss"] / cfg.grad_accum).backward()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.grad_accum
@@ -470,12 +411,6 @@ def _train(cfg, device, world):
         write_json(summary, os.path.join(cfg.out, "summary.json"))
     world.barrier()
     return summary
-
-
-def sample_ids(sequences, device, length=16):
-    """[1, length] token ids of the first sequence: the input on which output_layer checks a
-    model's head."""
-    return torch.tensor([sequences[0].input_ids[:length]], device=device)
 
 
 def final_terms(log_path):

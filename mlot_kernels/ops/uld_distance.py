@@ -204,7 +204,6 @@ def uld_backward_chunked(grad_distance, grad_ce, student_logits, student_rows, s
                          teacher_stats, teacher_sign, temperature, teacher_grad):
     """``mlot::uld_backward`` with torch operations over chunks of rows (any device)."""
     batch, l_s, v_s = student_logits.shape
-    answers = student_rows.shape[1]
     dtype = student_stats.dtype
     device = student_logits.device
     pairs, read = _row_lists(student_logits, student_rows, student_targets, teacher_logits,

@@ -1,0 +1,2 @@
+"""Distillation inside the stacks people train with: :mod:`mlot_kernels.integrations.transformers`
+(``transformers.Trainer``)."""

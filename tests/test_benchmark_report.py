@@ -1,5 +1,5 @@
-"""The benchmark report (benchmarks/report.py) runs end to end at tiny sizes, and the README's
-benchmark tables are the ones rendered from the committed results."""
+"""The benchmark report (benchmarks/report.py) runs end to end at tiny sizes, and the benchmark
+tables of the README and docs/*.md are the ones rendered from the committed results."""
 
 import glob
 import importlib
@@ -89,28 +89,70 @@ def _table_lines(markdown):
     return [line for line in markdown.splitlines() if line.startswith("| ")]
 
 
-def _readme():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        return f.read()
+DOCS = [os.path.join(ROOT, "README.md"),
+        *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+
+def _docs():
+    """README.md and every docs/*.md, joined: the tables may live in any of them."""
+    texts = []
+    for path in DOCS:
+        with open(path) as f:
+            texts.append(f.read())
+    return "\n".join(texts)
 
 
 REPORTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*-report.json")))
 
 
 @pytest.mark.parametrize("path", REPORTS)
-def test_readme_has_the_committed_report_tables(path):
-    """Every table row rendered from a committed report is in the README, as rendered."""
+def test_docs_have_the_committed_report_tables(path):
+    """Every table row rendered from a committed report is in the README or docs/, as rendered."""
     with open(path) as f:
         lines = _table_lines(report_module.render(json.load(f)))
-    readme = _readme()
-    assert lines and not [line for line in lines if line not in readme]
+    docs = _docs()
+    assert lines and not [line for line in lines if line not in docs]
 
 
-@pytest.mark.parametrize("name", ["sinkhorn", "topk-probs", "loss", "loss-cost"])
-def test_readme_has_the_committed_suite_tables(name):
-    """Every table row summarised from a committed pytest-benchmark suite is in the README."""
+SUITES = ["sinkhorn", "topk-probs", "loss", "loss-cost"]
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_docs_have_the_committed_suite_tables(name):
+    """Every table row summarised from a committed pytest-benchmark suite is in the README or
+    docs/."""
     path = os.path.join(ROOT, "benchmarks", "results", f"cpu-{name}.json")
     with open(path) as f:
         lines = _table_lines(summarize(json.load(f)))
-    readme = _readme()
-    assert lines and not [line for line in lines if line not in readme]
+    docs = _docs()
+    assert lines and not [line for line in lines if line not in docs]
+
+
+def _benchmark_tables(markdown):
+    """The rows of each table whose header is a benchmark table's (it starts with case, shape and
+    implementation, as every rendered report and suite table does)."""
+    rows, inside = [], False
+    for line in markdown.splitlines():
+        if line.startswith("| case | shape | implementation |"):
+            inside = True
+        elif not line.startswith("|"):
+            inside = False
+        if inside and line.startswith("| "):  # not the |---| separator, which _table_lines skips
+            rows.append(line)
+    return rows
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
+def test_every_benchmark_row_in_the_docs_is_a_committed_one(path):
+    """The other way round: every row of a benchmark table in the README (its results at a
+    glance) or a docs file is one rendered from the committed results, so none goes stale."""
+    rendered = set()
+    for report in REPORTS:
+        with open(report) as f:
+            rendered.update(_table_lines(report_module.render(json.load(f))))
+    for name in SUITES:
+        with open(os.path.join(ROOT, "benchmarks", "results", f"cpu-{name}.json")) as f:
+            rendered.update(_table_lines(summarize(json.load(f))))
+    with open(path) as f:
+        rows = _benchmark_tables(f.read())
+    assert not [row for row in rows if row not in rendered]

@@ -95,17 +95,23 @@ def test_loss_on_a_batch_is_mlot_distills(tiny, tmp_path, method, options):
 
 def test_teacher_cache_gives_the_uncached_terms(tiny, tmp_path):
     """Two epochs with a teacher cache: the teacher runs in the first only, and every logged
-    term is the uncached run's."""
-    rows, runs = trl_rows(8, seed=22), {}
+    term is the uncached run's; evaluation rows (never cached) score the same."""
+    rows, runs, scores = trl_rows(8, seed=22), {}, {}
     for name, cache in (("plain", None), ("cached", str(tmp_path / "cache"))):
         runs[name] = make_trainer(tiny, tmp_path / name, rows, teacher_cache=cache,
                                   args=arguments(tmp_path / name, num_train_epochs=2,
                                                  max_steps=-1, learning_rate=0.0))
         runs[name].train()
+        scores[name] = runs[name].evaluate(eval_dataset=trl_rows(4, seed=28))
     assert runs["cached"].distill.teacher_forwards == 2
-    assert runs["plain"].distill.teacher_forwards == 4
+    assert runs["plain"].distill.teacher_forwards == 4 + 1
     for key in TERMS["mlot"]:
         assert logged(runs["cached"], key) == pytest.approx(logged(runs["plain"], key), rel=1e-5)
+    assert {f"eval_{key}" for key in TERMS["mlot"]} | {"eval_loss"} <= set(scores["cached"])
+    for key in {f"eval_{key}" for key in TERMS["mlot"]} | {"eval_loss"}:
+        assert scores["cached"][key] == pytest.approx(scores["plain"][key], rel=1e-5), key
+    assert scores["plain"]["eval_loss"] == pytest.approx(
+        scores["plain"]["eval_ce"] + scores["plain"]["eval_distill"], rel=1e-5)
 
 
 def run_example(tiny, data, out, *flags, torchrun=False):

@@ -137,23 +137,23 @@ class Encoded:
                     len(self.labels))
 
 
-def encode(tokenizer, prompt_text, answer, max_length):
+def encode(tokenizer, prompt_text, answer, max_length, end=None):
     """``prompt_text`` then ``answer`` (:func:`answer_text`) and its end token
     (:func:`encode_text`)."""
-    return encode_text(tokenizer, prompt_text, answer_text(tokenizer, answer), max_length)
+    return encode_text(tokenizer, prompt_text, answer_text(tokenizer, answer), max_length, end)
 
 
-def encode_conversation(tokenizer, conversation, max_length):
+def encode_conversation(tokenizer, conversation, max_length, end=None):
     """A :class:`Conversation` as ``tokenizer`` writes it (:func:`encode_text`)."""
-    return encode_text(tokenizer, *conversation.render(tokenizer), max_length)
+    return encode_text(tokenizer, *conversation.render(tokenizer), max_length, end)
 
 
-def encode_text(tokenizer, prompt_text, answer, max_length):
-    """``prompt_text`` then the text ``answer`` and its end token (:func:`answer_end_id`),
-    tokenised separately (no merge across the boundary), at most ``max_length`` tokens: the
-    prompt loses tokens from its start first (the query is at its end), then the answer from
-    its end."""
-    end = answer_end_id(tokenizer)
+def encode_text(tokenizer, prompt_text, answer, max_length, end=None):
+    """``prompt_text`` then the text ``answer`` and its end token ``end`` (default
+    :func:`answer_end_id`; a caller encoding many sequences passes it once found), tokenised
+    separately (no merge across the boundary), at most ``max_length`` tokens: the prompt loses
+    tokens from its start first (the query is at its end), then the answer from its end."""
+    end = answer_end_id(tokenizer) if end is None else end
     prompt_ids = prompt_token_ids(tokenizer, prompt_text)
     answer_ids = tokenizer(answer, add_special_tokens=False).input_ids + [end]
     answer_ids = answer_ids[:max_length - 1]

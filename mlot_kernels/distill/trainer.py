@@ -43,8 +43,8 @@ from mlot_kernels.distill.files import load_torch, replace_atomically, save_torc
 from mlot_kernels.distill.methods import METHODS, TEACHER_METHODS, Method, hidden
 from mlot_kernels.distill.models import (DTYPES, HiddenStates, load_model, load_tokenizer,
                                          output_layer, resolve_device, sample_ids)
-from mlot_kernels.distill.prompts import DistillationCollator, encode, features, prompt, \
-    teacher_inputs
+from mlot_kernels.distill.prompts import (DistillationCollator, answer_end_id, encode, features,
+                                          prompt, teacher_inputs)
 from mlot_kernels.distill.teacher_cache import token_digest
 LOSS_FROM = ("hidden", "logits")
 SCHEDULES = ("onecycle", "constant")
@@ -202,6 +202,13 @@ def seqkd_answers(teacher, tokenizer, examples, shots, cfg, world, path):
     return generated
 
 
+def encode_examples(tokenizer, examples, shots, max_length):
+    """Each example's prompt (after ``shots``) and answer, encoded."""
+    end = answer_end_id(tokenizer)
+    return [encode(tokenizer, prompt(tokenizer, e, shots), e.answer, max_length, end)
+            for e in examples]
+
+
 def build_optimizer(model, cfg, total_steps):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.schedule == "onecycle":
@@ -281,10 +288,10 @@ def _train(cfg, device, world):
     if cfg.method == "seqkd":
         examples = seqkd_answers(teacher, teacher_tok, examples, shots[:cfg.teacher_shots], cfg,
                                  world, os.path.join(cfg.out, "seqkd-answers.jsonl"))
-    student_seqs = [encode(student_tok, prompt(student_tok, e, shots[:cfg.student_shots]),
-                           e.answer, cfg.max_length) for e in examples]
-    teacher_seqs = ([encode(teacher_tok, prompt(teacher_tok, e, shots[:cfg.teacher_shots]),
-                            e.answer, cfg.max_length) for e in examples] if teacher else None)
+    student_seqs = encode_examples(student_tok, examples, shots[:cfg.student_shots],
+                                   cfg.max_length)
+    teacher_seqs = (encode_examples(teacher_tok, examples, shots[:cfg.teacher_shots],
+                                    cfg.max_length) if teacher else None)
 
     global_batch = cfg.batch_size * cfg.grad_accum * world.world
     per_epoch = len(examples) // global_batch

@@ -37,8 +37,8 @@ from mlot_kernels.distill import prefix_cache
 from mlot_kernels.distill.data import conversations
 from mlot_kernels.distill.methods import Method, hidden
 from mlot_kernels.distill.models import output_layer, pad_with_eos, sample_ids
-from mlot_kernels.distill.prompts import (DistillationCollator, Encoded, encode_conversation,
-                                          features, teacher_inputs)
+from mlot_kernels.distill.prompts import (DistillationCollator, Encoded, answer_end_id,
+                                          encode_conversation, features, teacher_inputs)
 from mlot_kernels.distill.teacher_cache import token_digest
 
 __all__ = ["DistillationCollator", "DistillationTrainer", "encode_rows"]
@@ -57,10 +57,12 @@ def encode_rows(rows, tokenizer, teacher_tokenizer=None, max_length=1024, name="
     """The :func:`mlot_kernels.distill.prompts.features` of each row: its
     :class:`mlot_kernels.distill.prompts.Conversation` tokenised for the student (and the
     teacher), ``index`` its position."""
+    end = answer_end_id(tokenizer)
+    teacher_end = answer_end_id(teacher_tokenizer) if teacher_tokenizer is not None else None
     out = []
     for index, conversation in enumerate(conversations(rows, name)):
-        student = encode_conversation(tokenizer, conversation, max_length)
-        teacher = encode_conversation(teacher_tokenizer, conversation, max_length) \
+        student = encode_conversation(tokenizer, conversation, max_length, end)
+        teacher = encode_conversation(teacher_tokenizer, conversation, max_length, teacher_end) \
             if teacher_tokenizer is not None else None
         out.append(features(index, student, teacher))
     return out
@@ -123,14 +125,10 @@ class DistillationTrainer(transformers.Trainer):
                 raise ValueError(f"method {method!r} needs {name}")
         tokenizer = pad_with_eos(processing_class)
         teacher_tokenizer = pad_with_eos(teacher_processing_class) if needs_teacher else None
-        encode = lambda rows, name: None if rows is None else encode_rows(  # noqa: E731
+        self._encode = lambda rows, name: None if rows is None else encode_rows(
             rows, tokenizer, teacher_tokenizer, max_length, name)
-        train_rows = encode(train_dataset, "train_dataset")
-        if isinstance(eval_dataset, dict):
-            eval_rows = {key: encode(rows, f"eval_dataset[{key!r}]")
-                         for key, rows in eval_dataset.items()}
-        else:
-            eval_rows = encode(eval_dataset, "eval_dataset")
+        train_rows = self._encode(train_dataset, "train_dataset")
+        eval_rows = self._encode_eval(eval_dataset)
         collator = data_collator or DistillationCollator(
             tokenizer.pad_token_id, teacher_tokenizer.pad_token_id if needs_teacher else None)
         super().__init__(model=model, args=args, data_collator=collator,
@@ -178,6 +176,20 @@ class DistillationTrainer(transformers.Trainer):
         self.eval_distill = Method(method, self.teacher, **options) if teacher_cache \
             else self.distill
 
+    def _encode_eval(self, eval_dataset):
+        """Evaluation rows encoded (a dict of them: each; a name: the Trainer's own)."""
+        if isinstance(eval_dataset, dict):
+            return {key: self._encode(rows, f"eval_dataset[{key!r}]")
+                    for key, rows in eval_dataset.items()}
+        if isinstance(eval_dataset, str):
+            return eval_dataset
+        return self._encode(eval_dataset, "eval_dataset")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The Trainer's evaluation; ``eval_dataset`` given here holds rows, as at
+        construction."""
+        return super().evaluate(self._encode_eval(eval_dataset), ignore_keys, metric_key_prefix)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The method's loss on a batch of :class:`DistillationCollator`; its terms are kept
         for :meth:`log`."""
@@ -207,7 +219,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def log(self, logs, start_time=None):
         """The Trainer's log with the mean of each loss term since the last log, over every
-        process (``eval_``-prefixed in evaluation)."""
+        process (``eval_``-prefixed in evaluation, and in the metrics ``evaluate`` returns)."""
         mode = "train" if self.model.training else "eval"
         kept = self._metrics[mode]
         if kept:
@@ -215,7 +227,7 @@ class DistillationTrainer(transformers.Trainer):
             means = torch.stack([torch.stack(kept[k]).float().mean() for k in keys])
             means = self.accelerator.reduce(means, reduction="mean").tolist()
             prefix = "eval_" if mode == "eval" else ""
-            logs = dict(logs, **{f"{prefix}{k}": v for k, v in zip(keys, means)})
+            logs.update({f"{prefix}{k}": v for k, v in zip(keys, means)})  # evaluate's metrics
             kept.clear()
         super().log(logs, start_time)
 

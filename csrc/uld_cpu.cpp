@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -182,11 +183,12 @@ void forward_kernel(const at::Tensor& zs_t, const RowMap& ms, const at::Tensor& 
       const t_scalar* trow = zt + mt.offset(rt);
       T* tt = tst + rt * kUldStats;
       row_stats<t_scalar, T>(trow, VT, o, true, false, tt);
-      // The student's order; the teacher's order (for its gradient) or its sorted logits.
+      // The student's order; the teacher's order (for its gradient, or float64 logits, which
+      // the float sort of its logits would round) or its sorted logits.
       const uint64_t* order_s = order_of(zrow, VS, sc.order_s);
       row_probs<s_scalar, T>(zrow, VS, st, o.inv_tau, sc.q_s);
       const uint64_t* order_t = nullptr;
-      if (tsg) {
+      if (tsg || std::is_same<t_scalar, double>::value) {
         order_t = order_of(trow, VT, sc.order_t);
         row_probs<t_scalar, T>(trow, VT, tt, o.inv_tau, sc.q_t);
       } else {

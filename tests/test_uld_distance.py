@@ -27,16 +27,17 @@ def uld_problem(gen, B, L_S, V_S, L_T, V_T, A, dtype=torch.float64):
     return student, s_rows, targets, teacher, t_rows, lengths
 
 
-def values_and_grads(fn, student, s_rows, targets, teacher, t_rows, lengths, temperature, gen):
+def values_and_grads(fn, student, s_rows, targets, teacher, t_rows, lengths, temperature, gen,
+                     teacher_grad=True):
     """fn's (distance, ce) and the gradients of a random positive combination of both with
-    respect to both models' logits."""
+    respect to both models' logits (the student's alone for a frozen teacher)."""
     student = student.detach().requires_grad_()
-    teacher = teacher.detach().requires_grad_()
+    teacher = teacher.detach().requires_grad_(teacher_grad)
     distance, ce = fn(student, s_rows, targets, teacher, t_rows, lengths, temperature)
     w = torch.rand(distance.shape, generator=gen, dtype=torch.float64) + 0.5
     w_ce = torch.rand(ce.shape, generator=gen, dtype=torch.float64) + 0.5
     objective = (distance * w.to(distance.dtype)).sum() + (ce * w_ce.to(ce.dtype)).sum()
-    grads = torch.autograd.grad(objective, (student, teacher))
+    grads = torch.autograd.grad(objective, (student, teacher) if teacher_grad else (student,))
     return (distance.detach(), ce.detach()), grads
 
 
@@ -51,18 +52,20 @@ CASE_IDS = ["B{}-LS{}-VS{}-LT{}-VT{}-A{}-T{}".format(*c) for c in CASES]
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("kernels", ["cpp", "chunked"])
-def test_matches_float64_reference(gen, case, dtype, kernels):
-    """distance, ce and both models' gradients equal a float64 evaluation (softmax, sort, pad,
-    sum of |differences|); the C++ kernels and the chunked torch ones alike."""
+@pytest.mark.parametrize("teacher_grad", [True, False], ids=["teacher-grad", "frozen-teacher"])
+def test_matches_float64_reference(gen, case, dtype, kernels, teacher_grad):
+    """distance, ce and the gradients equal a float64 evaluation (softmax, sort, pad, sum of
+    |differences|); the C++ kernels and the chunked torch ones alike, with a teacher that takes
+    a gradient and a frozen one (whose sort takes another path)."""
     *sizes, temperature = case
     problem = uld_problem(gen, *sizes, dtype=dtype)
     fn = ops.uld_distance if kernels == "cpp" else chunked_uld_distance
     g = torch.Generator().manual_seed(1)
-    (values, grads) = values_and_grads(fn, *problem, temperature, g)
+    (values, grads) = values_and_grads(fn, *problem, temperature, g, teacher_grad)
     g = torch.Generator().manual_seed(1)
     (e_values, e_grads) = values_and_grads(reference.uld_distance,
                                            *[p.double() if p.is_floating_point() else p
-                                             for p in problem], temperature, g)
+                                             for p in problem], temperature, g, teacher_grad)
     for a, e in zip(values + grads, e_values + e_grads):
         assert_close_rel(a, e, TOL[dtype])
     assert grads[0].dtype == dtype and values[0].dtype == dtype

@@ -27,6 +27,7 @@ from mlot_kernels.distill import assets, prefix_cache
 from mlot_kernels.distill.data import demo_examples
 from mlot_kernels.distill.demo import llama
 from mlot_kernels.distill.evaluate import generate
+from mlot_kernels.distill.methods import Method
 from mlot_kernels.distill.models import (HiddenStates, load_model, load_tokenizer, output_layer,
                                          pad_with_eos)
 from mlot_kernels.distill.prompts import collate, encode, prompt
@@ -59,11 +60,8 @@ def teacher_prefix():
     batch = collate(seqs, tokenizer.pad_token_id)
     cache = prefix_cache.build(teacher, [s.input_ids for s in seqs], [s.prompt_length for s in seqs])
 
-    def forward(prefix):
-        shared = prefix.length if prefix else 0
-        extra = prefix.expand(len(seqs)) if prefix else {}
-        with torch.no_grad():
-            HiddenStates(teacher)(batch["input_ids"][:, shared:], batch["attention_mask"], **extra)
+    def forward(prefix):  # the loop's teacher forward (uld, mlot), with or without the prefix
+        Method("uld", teacher, prefix=prefix).teacher_forward(batch, True)
 
     same = answers() == _without_prefix(answers)
     out = dict(prompt_tokens=sum(s.prompt_length for s in seqs) / len(seqs),

@@ -15,12 +15,16 @@ inputs: its logits, or its hidden states and output embedding; the teacher is fr
 
 Each implementation is compared with a baseline (:data:`BASELINES`): the losses from logits with
 plain cross-entropy from the same logits (``ce``, Hugging Face's), the hidden-state path with the
-two output layers' matmuls plus the logits path (``*_lm_head``), which is what it replaces.
+two output layers' matmuls plus the logits path (``*_lm_head``), which is what it replaces, and
+TRL GOLD's ``ULDLoss`` (benchmarks/peers.py ``gold_uld_loss``, ``gold_uld*``) with ``uld_loss``
+from the same logits: ``gold_uld`` configured to compute its value (tests/test_benchmark_peers.py),
+``gold_uld_aligned`` with GOLD's own alignment on synthetic byte offsets (:func:`byte_offsets`).
 """
 
 import torch
 
 import mlot_kernels
+from benchmarks import peers
 from benchmarks.steps import Impl, make_steps
 from mlot_kernels.losses.answers import causal_lm_cross_entropy
 
@@ -78,6 +82,40 @@ BASELINES = {impl: ("ce" if "_" not in impl else impl.replace("_hidden", "_lm_he
 HIDDEN = {impl for impl in IMPLS if impl.endswith(("_hidden", "_lm_head"))}
 
 
+def _gold_uld(student_logits, teacher_logits, student_labels, teacher_labels):
+    return peers.gold_uld_as_uld_loss(student_logits, teacher_logits, student_labels,
+                                      teacher_labels)
+
+
+def _gold_uld_aligned(student_logits, teacher_logits, student_labels, teacher_labels,
+                      student_offsets, teacher_offsets):
+    return peers.gold_uld_loss(student_logits, teacher_logits, student_labels, teacher_labels,
+                               student_byte_offsets=student_offsets,
+                               teacher_byte_offsets=teacher_offsets,
+                               uld_crossentropy_weight=1.0, uld_distillation_weight=1.5)
+
+
+# TRL GOLD's ULDLoss (TRL 1.16; benchmarks/peers.py gold_uld_loss), each against uld_loss
+IMPLS["gold_uld"] = Impl(
+    _gold_uld, "TRL GOLD's ULDLoss (trl.experimental.gold, TRL 1.16) configured as uld_loss "
+    "(use_extended_uld=False, uld_token_merge_strategy='bayesian', no hybrid part, CE weight 1, "
+    "distillation weight 1.5, temperature 1, neither EOS skipped): uld_loss's value "
+    "(tests/test_benchmark_peers.py; to rounding in the logits' dtype, which GOLD does not upcast: "
+    "bfloat16 on CUDA), computed in eager PyTorch, one sequence at a time: the "
+    "softmax of every answer row over the full vocabulary, torch.sort, zero-padding to the larger "
+    "vocabulary, L1; the cross-entropy over all the student's logits", needs=("trl",))
+IMPLS["gold_uld_aligned"] = Impl(
+    _gold_uld_aligned, "TRL GOLD's ULDLoss with GOLD's default alignment (use_extended_uld=True: "
+    "the answers' byte offsets walked in Python into groups, split tokens merged by the "
+    "'observed' strategy; both EOS skipped) and uld_loss's weights (CE 1, distillation 1.5), on "
+    "synthetic byte offsets: the teacher's answer is the student's with teacher_answer - answer "
+    "tokens split in two. Not uld_loss's value: 'observed' reads the logits at the answer tokens "
+    "(each predicts the next one), not those that predict them, and the split tokens' rows are "
+    "merged", needs=("trl",))
+BASELINES.update(gold_uld="uld", gold_uld_aligned="uld")
+OFFSETS = {"gold_uld_aligned"}  # implementations that take both models' byte offsets too
+
+
 def make_case(batch=4, length=1024, v_student=32000, v_teacher=49152, hidden=1024, answer=300,
               teacher_answer=310, prompt=500, dtype="float32", seed=0, device="cpu"):
     return dict(batch=batch, length=length, v_student=v_student, v_teacher=v_teacher,
@@ -124,10 +162,38 @@ def make_inputs(case, hidden):
     return (s_hidden.requires_grad_(), s_weight.requires_grad_(), t_hidden, t_weight, *labels)
 
 
+def byte_offsets(case):
+    """Synthetic UTF-8 byte offsets [B, T, 2] (start, end) of both models' tokens, relative to the
+    answer text, as GOLD's collators give them (prompt and padding positions (0, 0)): the
+    student's ``answer`` tokens are 4 bytes each; the teacher's ``teacher_answer`` tokens are the
+    student's with ``teacher_answer - answer`` of them (evenly spread, never the last) split into
+    two tokens of 2 bytes. GOLD's alignment then pairs the other tokens one to one and each split
+    token with its two halves. Returns (student offsets, teacher offsets)."""
+    answer, extra = case["answer"], case["teacher_answer"] - case["answer"]
+    if not 0 <= extra < answer:
+        raise ValueError(f"byte_offsets: needs answer <= teacher_answer < 2 * answer, got "
+                         f"{answer} and {case['teacher_answer']}")
+    split = {(2 * k + 1) * (answer - 1) // (2 * extra) for k in range(extra)}
+    widths = []
+    for j in range(answer):
+        widths += [2, 2] if j in split else [4]
+
+    def offsets(token_widths):
+        ends = torch.tensor(token_widths).cumsum(0)
+        spans = torch.stack([ends - torch.tensor(token_widths), ends], 1)
+        out = torch.zeros(case["batch"], case["length"], 2, dtype=torch.long)
+        out[:, case["prompt"]:case["prompt"] + len(token_widths)] = spans
+        return out.to(case["device"])
+
+    return offsets([4] * answer), offsets(widths)
+
+
 def make_case_steps(impl, case, impls=IMPLS):
     """:class:`benchmarks.steps.Steps` of ``impls[impl]`` on the case."""
     hidden = impl in HIDDEN
     inputs = make_inputs(case, hidden)
+    if impl in OFFSETS:
+        inputs = (*inputs, *byte_offsets(case))
     fn = impls[impl].run
     return make_steps(lambda: fn(*inputs), inputs[:2] if hidden else inputs[:1], case["device"])
 

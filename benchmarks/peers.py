@@ -27,12 +27,18 @@ written as the released code computes it.
 **Vocabulary truncation:** ``eager_topk_probs`` takes full-length logits [B, L, V] and computes
 what ``torch.ops.mlot.topk_probs`` computes without lengths.
 
-tests/test_benchmark_peers.py checks all of them, so the benchmarks compare equal work. POT and
-GeomLoss are optional benchmark dependencies, imported by the functions that use them.
+**ULD: TRL's GOLD** (``gold_uld_loss``, ``gold_uld_as_uld_loss``): ``ULDLoss`` of
+``trl.experimental.gold`` (TRL 1.16), what a TRL user runs for cross-tokenizer ULD. Configured by
+:data:`GOLD_AS_ULD` it computes ``mlot_kernels.uld_loss``'s total; its defaults differ in which
+rows they read (:func:`gold_uld_loss`).
+
+tests/test_benchmark_peers.py checks all of them, so the benchmarks compare equal work. POT,
+GeomLoss and TRL are optional benchmark dependencies, imported by the functions that use them.
 """
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -322,3 +328,90 @@ def eager_topk_probs(logits, k=50, temperature=1.0, std_scale=False, ranking="se
         order = p.sum((0, 1)).topk(k).indices
         return p[..., order], order
     raise ValueError(f"eager_topk_probs: ranking must be 'token', 'sequence' or 'batch', got {ranking!r}")
+
+
+# GOLDConfig options under which ULDLoss computes mlot_kernels.uld_loss(...)["loss"] (gold_uld_loss)
+GOLD_AS_ULD = dict(use_extended_uld=False, uld_token_merge_strategy="bayesian",
+                   uld_use_hybrid_loss=False, uld_crossentropy_weight=1.0,
+                   uld_skip_teacher_eos=False)
+
+
+@functools.cache
+def _gold_uld(options):
+    """TRL GOLD's ``ULDLoss(GOLDConfig(use_uld_loss=True, bf16=False, report_to='none',
+    **dict(options)))``; ``bf16=False`` because GOLDConfig's default bf16=True fails without a
+    GPU, and it only sets the trainer's precision, which ULDLoss does not read."""
+    with warnings.catch_warnings():  # TRLExperimentalWarning; TrainingArguments' FutureWarnings
+        warnings.simplefilter("ignore")
+        from trl.experimental.gold import GOLDConfig
+        from trl.experimental.gold.gold_trainer import ULDLoss
+
+        return ULDLoss(GOLDConfig(use_uld_loss=True, bf16=False, report_to="none",
+                                  **dict(options)))
+
+
+def gold_uld_loss(student_logits, teacher_logits, student_labels, teacher_labels, *,
+                  student_input_ids=None, teacher_input_ids=None, student_byte_offsets=None,
+                  teacher_byte_offsets=None, **config):
+    r"""TRL GOLD's ``ULDLoss`` (``trl/experimental/gold/gold_trainer.py``, TRL 1.16) with
+    ``GOLDConfig(**config)`` (and ``use_uld_loss=True``), called as GOLDTrainer calls it: the
+    scalar total. The input ids default to ``labels.clamp(min=0)``: at the answer positions, the
+    only ones GOLD reads, Hugging Face labels are the input ids.
+
+    What it computes, per sequence b, in eager PyTorch (a Python loop over the batch):
+
+    - the answer: ``start`` = the first position whose label is not -100 and ``size`` = the
+      number of such labels (so one contiguous answer is assumed), minus 1 on each side whose
+      ``uld_skip_*_eos`` is set (the default for both);
+    - the rows: ``[start, start + size)`` with ``uld_token_merge_strategy="observed"`` (the
+      default): the logits AT the answer tokens, each of which predicts the token after it;
+      ``[start - 1, start + size - 1)`` with ``"bayesian"``: the logits that predict the answer
+      tokens, the rows of ``mlot_kernels.uld_loss`` (``answer_span="labels"``). (Bayesian with
+      ``start == 0`` drops the first row, or aligned group, of both sides.);
+    - ``p = softmax(z / T)`` over the full vocabulary of each row, the student at
+      ``uld_student_temperature``, the teacher at ``uld_teacher_temperature`` (1 and 1);
+    - the alignment: ``use_extended_uld=False``: the first ``n = min(size_S, size_T)`` rows of
+      each side, position by position; ``True`` (the default): both sides' byte offsets of the
+      answer tokens are walked in Python into groups that end where both tokenizers end a token
+      at the same byte, and each group's rows are merged into one: the first row's
+      distribution times the probabilities of the group's later tokens at their own rows
+      (``"observed"``; ``"bayesian"``: the last row's times the earlier tokens'), clamped at
+      1e-8; a pair with an empty side is dropped. One tokenizer on both sides gives groups of one
+      token: the same rows as ``False``;
+    - ``ULD_b = sum |sort(p_S) - sort(p_T)|`` over the aligned rows, each row sorted descending
+      and zero-padded to the larger vocabulary, divided by their number; 0 for a sequence
+      without answer rows on either side (``uld_use_hybrid_loss``, off by default, replaces it
+      by a weighted sum of a JSD over the tokens whose strings both vocabularies share and this
+      sorted distance over the rest);
+    - the probabilities, their sort and the distance in the logits' dtype (no upcast:
+      bfloat16 logits give bfloat16 probabilities);
+    - ``total = uld_crossentropy_weight * CE + uld_distillation_weight * mean_b ULD_b`` with
+      ``CE`` Hugging Face's shifted token-mean cross-entropy of the student (NaN without
+      labels); weights 0 and 1 by default, so the default total is the distance term alone.
+
+    ``mlot_kernels.uld_loss(weight=w, temperature=T, skip_student_eos=e)`` computes the same
+    value and gradients, up to rounding, when both answers are one contiguous span starting after
+    position 0, with :data:`GOLD_AS_ULD` (positional alignment, bayesian rows, no hybrid part, CE
+    weight 1, the teacher's EOS kept) and ``uld_distillation_weight=w``, both temperatures ``T``,
+    ``uld_skip_student_eos=e`` (:func:`gold_uld_as_uld_loss`; tests/test_benchmark_peers.py).
+    """
+    ids = [labels.clamp(min=0) if ids is None else ids
+           for ids, labels in ((student_input_ids, student_labels),
+                               (teacher_input_ids, teacher_labels))]
+    loss = _gold_uld(tuple(sorted(config.items())))(
+        student_logits, teacher_logits, student_labels, teacher_labels, *ids,
+        student_byte_offsets=student_byte_offsets, teacher_byte_offsets=teacher_byte_offsets)
+    return loss.reshape(())  # a batch without answers gives shape [1]
+
+
+def gold_uld_as_uld_loss(student_logits, teacher_logits, student_labels, teacher_labels, *,
+                         weight=1.5, temperature=1.0, skip_student_eos=False):
+    """:func:`gold_uld_loss` configured to compute ``mlot_kernels.uld_loss(student_logits,
+    teacher_logits, student_labels, teacher_labels, weight=weight, temperature=temperature,
+    skip_student_eos=skip_student_eos)["loss"]`` (one contiguous answer per sequence, after
+    position 0)."""
+    return gold_uld_loss(student_logits, teacher_logits, student_labels, teacher_labels,
+                         **GOLD_AS_ULD, uld_distillation_weight=float(weight),
+                         uld_student_temperature=float(temperature),
+                         uld_teacher_temperature=float(temperature),
+                         uld_skip_student_eos=bool(skip_student_eos))

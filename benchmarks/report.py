@@ -1,6 +1,7 @@
 """The side-by-side report: the project's ops and their peers, measured in one run on one device.
 
     python -m benchmarks.report [--device cpu|cuda] [--out benchmarks/results] [--quick]
+                                [--sections SUITE,...]
 
 writes ``<tag>-report.json`` (every measurement, the versions, the device's ceilings),
 ``<tag>-report.md`` (the tables, rendered from the JSON by :func:`render`) and one PNG per section,
@@ -24,8 +25,12 @@ writes ``<tag>-report.json`` (every measurement, the versions, the device's ceil
   lengths at B=8 with the paper's vocabularies;
 - ``loss_cost``: the whole loss at a realistic size (benchmarks/loss_cost_cases.py): plain
   cross-entropy from the logits, each preset and ULD from the logits (compared with plain
-  cross-entropy), and each from hidden states (compared with both output layers' matmuls plus
-  the logits path, which it replaces).
+  cross-entropy), each from hidden states (compared with both output layers' matmuls plus
+  the logits path, which it replaces), and TRL GOLD's ULDLoss from the logits, configured as
+  ``uld_loss`` and with GOLD's own alignment (compared with ``uld_loss``).
+
+``--sections`` runs only the named sections (comma-separated suites, e.g. ``loss_cost``): a
+partial report, so it needs an ``--out`` other than the committed results.
 
 Every row is the median of at least ``MIN_ROUNDS`` timed steps after a warm-up step (which also
 compiles what torch.compile compiles) and the peak extra memory of one step
@@ -94,8 +99,8 @@ def _tolerance_settings(case, tol):
     return dict(case, n_iters=n_iters, scaling=scaling)
 
 
-def plan(device, quick):
-    """The report's sections on ``device``."""
+def plan(device, quick, sections=None):
+    """The report's sections on ``device`` (those whose suite is in ``sections``, unless None)."""
     from benchmarks import loss_cases, loss_cost_cases, sinkhorn_cases, topk_cases
 
     kind = torch.device(device).type
@@ -109,7 +114,8 @@ def plan(device, quick):
     long_cases = [("long", "long", None, sinkhorn_cases.make_case(4, 4096, seed=1, device=device))
                   ] if kind == "cuda" and not quick else []
     tolerance = [(name, group, x, _tolerance_settings(dict(case, unit_marginals=False), tol))
-                 for name, group, x, case in sinkhorn]
+                 for name, group, x, case in sinkhorn
+                 if sections is None or "sinkhorn_tolerance" in sections]
     vocab = 1000 if quick else 32000
     topk = [(f"L={n}", "sweep", n, topk_cases.make_case(batch, n, vocab, device=device))
             for n in sweeps["topk"]]
@@ -121,7 +127,7 @@ def plan(device, quick):
             for n in sweeps["loss"]]
     cost = [(name, "cost", None, case)
             for name, case in loss_cost_cases.named_cases(device, quick).items()]
-    return [
+    planned = [
         Section("sinkhorn", "Sinkhorn loss, 20 iterations", "M = N (B=8, K=50)",
                 sinkhorn + long_cases,
                 "One forward+backward, epsilon 0.1, temperature 2, unit marginals, L1 cost: every "
@@ -154,6 +160,7 @@ def plan(device, quick):
                 "memory, measured in the same run; the last column is the peak in sizes of the "
                 "student's float32 logits [B, T, V_S]."),
     ]
+    return [section for section in planned if sections is None or section.suite in sections]
 
 
 def _measure_row(section, name, group, x, case, impl, spec, kind, predicted_s, ceiling):
@@ -271,25 +278,27 @@ def tag(device):
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def run(device, quick=False, log=print, on_section=None):
-    """The report dict for ``device``. ``on_section`` gets the report so far after each section
-    (with ``incomplete`` saying how many sections it has until the last)."""
+def run(device, quick=False, log=print, on_section=None, sections=None):
+    """The report dict for ``device`` (only the sections whose suite is in ``sections``, unless
+    None). ``on_section`` gets the report so far after each section (with ``incomplete`` saying
+    how many sections it has until the last)."""
     kind = torch.device(device).type
     meta = dict(
         device=_device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
         python=platform.python_version(), commit=_commit(), quick=quick,
         date=datetime.date.today().isoformat(),
-        versions={pkg: _version(pkg) for pkg in ("triton", "pot", "geomloss", "pykeops")},
-        command="python -m benchmarks.report --device " + kind + (" --quick" if quick else ""),
+        versions={pkg: _version(pkg) for pkg in ("triton", "pot", "geomloss", "pykeops", "trl")},
+        command="python -m benchmarks.report --device " + kind + (" --quick" if quick else "")
+        + (" --sections " + ",".join(sections) if sections else ""),
     )
     ceiling = ceilings.measure(device, quick)
     log(f"ceilings: {ceiling}")
-    planned, sections = plan(device, quick), []
+    planned, done = plan(device, quick, sections), []
     for section in planned:
-        sections.append(run_section(section, kind, ceiling, log))
-        report = dict(meta=meta, ceilings=ceiling, sections=list(sections))
-        if len(sections) < len(planned):
-            report["incomplete"] = f"{len(sections)} of {len(planned)} sections"
+        done.append(run_section(section, kind, ceiling, log))
+        report = dict(meta=meta, ceilings=ceiling, sections=list(done))
+        if len(done) < len(planned):
+            report["incomplete"] = f"{len(done)} of {len(planned)} sections"
         if on_section:
             on_section(report)
     return report
@@ -413,9 +422,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when a GPU is visible)")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    default_out = os.path.join(ROOT, "benchmarks", "results")
+    parser.add_argument("--out", default=default_out)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--sections", type=lambda text: [s for s in text.split(",") if s],
+                        help=f"only these sections, comma-separated, of {','.join(SUITES)} (a "
+                             "partial report: needs --out)")
     args = parser.parse_args(argv)
+    unknown = [s for s in args.sections or () if s not in SUITES]
+    if unknown:
+        parser.error(f"--sections: unknown {','.join(unknown)}; the sections are "
+                     f"{','.join(SUITES)}")
+    if args.sections and os.path.abspath(args.out) == default_out:
+        parser.error("--sections writes a partial report: give an --out other than the "
+                     "committed results")
     try:
         kind = torch.device(args.device).type
     except RuntimeError:
@@ -430,7 +450,7 @@ def main(argv=None):
         written[:] = write(report, args.out, prefix)
 
     run(args.device, args.quick, log=lambda text: print(text, file=sys.stderr, flush=True),
-        on_section=checkpoint)
+        on_section=checkpoint, sections=args.sections)
     for path in written:
         print(path)
 

@@ -1,5 +1,6 @@
 """The benchmark peers (benchmarks/peers.py) compute what the op computes, so timings compare equal
-work; benchmarks/tolerance.py measures the accuracy that GeomLoss is compared at."""
+work; benchmarks/tolerance.py measures the accuracy that GeomLoss is compared at; and TRL GOLD's
+ULDLoss computes what uld_loss computes where the two compute the same thing."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 
 import mlot_kernels
 from benchmarks import peers, tolerance
-from tests.conftest import value_and_grads
+from tests.conftest import assert_close_rel, value_and_grads
 from tests.loss_oracles import make_batch, official_oracle
 
 EPSILON = 0.1
@@ -210,3 +211,124 @@ def test_eager_topk_probs_matches_op(gen, ranking, std_scale):
     assert torch.equal(indices, e_indices)
     torch.testing.assert_close(probs, e_probs, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad, e_grad, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- TRL GOLD's ULDLoss
+#
+# GOLD's ULDLoss (trl.experimental.gold, TRL 1.16) and mlot_kernels.uld_loss compute the same
+# value and gradients when every answer is one contiguous span after position 0 and GOLD has
+# peers.GOLD_AS_ULD (positional alignment, 'bayesian' rows, no hybrid part, CE weight 1, the
+# teacher's EOS kept), uld_loss's weight as its distillation weight and one temperature on both
+# sides (test_gold_uld_matches_uld_loss). In general they differ in:
+# - the rows: GOLD's default 'observed' strategy reads the logits AT the answer tokens
+#   [start, start + size), each of which predicts the token after it, not the logits that
+#   predict them [start - 1, start + size - 1) (uld_loss's, and GOLD's 'bayesian');
+# - the EOS: GOLD skips the last answer token of both sides by default, uld_loss of neither
+#   (of the student's with skip_student_eos);
+# - the alignment: GOLD's default (use_extended_uld) walks both answers' byte offsets into
+#   groups and merges each multi-token group's rows into one (the first row's distribution
+#   times the later tokens' probabilities); uld_loss pairs the first min(n_S, n_T) rows. With
+#   one tokenizer on both sides the groups are single tokens and both pair the same rows
+#   (test_gold_default_alignment_with_one_tokenizer);
+# - the weights: GOLD's defaults are CE 0 and distillation 1, uld_loss's CE 1 and ULD 1.5;
+# - the labels: GOLD takes the span from the first answer label to first + count (it assumes
+#   one contiguous answer), uld_loss the positions of the labels themselves; GOLD's CE is NaN
+#   without labels, uld_loss's 0; GOLD computes in the logits' dtype, uld_loss in float32 at least.
+# uld_loss's hybrid counterpart does not exist: GOLD's uld_use_hybrid_loss (a JSD over the tokens
+# both vocabularies share) is off here.
+
+
+def _gold():
+    pytest.importorskip("trl", minversion="1.16", reason="TRL (GOLD's ULDLoss) is not installed")
+
+
+def _loss_and_grads(fn, s_logits, t_logits, *args):
+    """fn's scalar and its gradients with respect to both models' logits."""
+    s_logits, t_logits = (z.detach().requires_grad_() for z in (s_logits, t_logits))
+    loss = fn(s_logits, t_logits, *args)
+    return (loss.detach(), *torch.autograd.grad(loss, (s_logits, t_logits)))
+
+
+@pytest.mark.parametrize("skip_student_eos", [False, True], ids=["eos", "no-eos"])
+def test_gold_uld_matches_uld_loss(gen, skip_student_eos):
+    """GOLD's ULDLoss configured as uld_loss (peers.gold_uld_as_uld_loss) computes uld_loss's
+    total and its gradients with respect to both models' logits, in float64 to rounding (1e-9
+    relative): two vocabularies, different answer lengths on the two sides, a one-token answer
+    (no student row without its EOS), temperature 0.7 and weight 0.8."""
+    _gold()
+    batch = make_batch(gen, [5, 1, 7], [4, 6, 2], 80, 64)
+    options = dict(weight=0.8, temperature=0.7, skip_student_eos=skip_student_eos)
+    gold = _loss_and_grads(lambda *a: peers.gold_uld_as_uld_loss(*a, **options), *batch)
+    ours = _loss_and_grads(lambda *a: mlot_kernels.uld_loss(*a, **options)["loss"], *batch)
+    assert gold[0].dtype == torch.float64 and gold[0].dim() == 0
+    for actual, expected in zip(gold, ours):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_gold_uld_matches_uld_loss_in_the_report(gen):
+    """The report's rows 'gold_uld' and 'uld' (benchmarks/loss_cost_cases.py) compute the same
+    total and student gradient on its batch (the --quick case: float32 logits, the teacher
+    frozen), to float32 rounding: 1e-5 relative (the difference is about 1e-7)."""
+    _gold()
+    from benchmarks import loss_cost_cases
+
+    case = loss_cost_cases.named_cases("cpu", quick=True)["quick"]
+    results = []
+    for impl in ("gold_uld", "uld"):
+        s_logits, t_logits, *labels = loss_cost_cases.make_inputs(case, hidden=False)
+        loss = loss_cost_cases.IMPLS[impl].run(s_logits, t_logits, *labels)
+        results.append((loss.detach(), *torch.autograd.grad(loss, s_logits)))
+    assert results[0][0].dtype == torch.float32
+    for actual, expected in zip(*results):
+        assert_close_rel(actual, expected, 1e-5)
+
+
+def _drop_first_answer_label(labels):
+    """labels with each sequence's first answer label set to -100."""
+    first = (labels != peers.IGNORE_INDEX).int().argmax(1)
+    return labels.scatter(1, first[:, None], peers.IGNORE_INDEX)
+
+
+def test_gold_default_alignment_with_one_tokenizer(gen):
+    """GOLD's ULDLoss with all its defaults (byte-offset alignment, 'observed' rows, both EOS
+    skipped, CE weight 0, distillation weight 1, temperature 1) and one tokenizer on both sides
+    (the same answer lengths and byte offsets, so every alignment group is one token) computes
+    uld_loss's ULD term (weight 1) on the labels without their first answer token, and its
+    gradients, in float64 (1e-9 relative): 'observed' reads the rows at answer tokens 0 to
+    n - 2 (the last, EOS, skipped), which are the rows that predict answer tokens 1 to n - 1."""
+    _gold()
+    answers = [5, 1, 7]
+    s_logits, t_logits, labels, _ = make_batch(gen, answers, answers, 80, 80, prompt=(3, 3))
+    widths = torch.randint(1, 5, labels.shape, generator=gen)  # 1 to 4 bytes a token
+    answer = labels != peers.IGNORE_INDEX
+    ends = torch.where(answer, widths, 0).cumsum(1)
+    offsets = torch.where(answer[..., None], torch.stack([ends - widths, ends], -1), 0)
+    gold = _loss_and_grads(lambda *a: peers.gold_uld_loss(*a, student_byte_offsets=offsets,
+                                                          teacher_byte_offsets=offsets),
+                           s_logits, t_logits, labels, labels)
+    shifted = _drop_first_answer_label(labels)
+    ours = _loss_and_grads(lambda *a: mlot_kernels.uld_loss(*a)["uld"], s_logits, t_logits,
+                           shifted, shifted)
+    for actual, expected in zip(gold, ours):
+        torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_report_byte_offsets_align_as_stated():
+    """The report's synthetic byte offsets (loss_cost_cases.byte_offsets), walked by GOLD's
+    alignment as GOLD slices them with both EOS skipped: answer - extra one-to-one pairs and
+    extra pairs of one student token with two teacher tokens, extra = teacher_answer - answer."""
+    _gold()
+    from trl.experimental.gold.gold_trainer import ULDLoss
+
+    from benchmarks import loss_cost_cases
+
+    case = loss_cost_cases.make_case(2, 64, 300, 200, 16, 20, 26, 10)
+    student, teacher = loss_cost_cases.byte_offsets(case)
+    start = case["prompt"]
+    for b in range(case["batch"]):
+        s_groups, t_groups = ULDLoss._align_by_byte_offsets(
+            student[b, start:start + case["answer"] - 1].tolist(),
+            teacher[b, start:start + case["teacher_answer"] - 1].tolist())
+        sizes = [(len(s), len(t)) for s, t in zip(s_groups, t_groups)]
+        assert len(sizes) == case["answer"] - 1
+        assert sizes.count((1, 2)) == 6 and sizes.count((1, 1)) == case["answer"] - 7

@@ -67,7 +67,7 @@ SIZES = {
                       student_vocab=200, teacher_width=32, student_width=32),
 }
 # The real teacher's demo (teacher_* fields unused: the teacher is not trained), sized so that
-# one seed takes under 10 minutes on 2 cores (README, "The demo").
+# one seed takes under 10 minutes on 2 cores (docs/distill.md, "The demo").
 REAL_SIZES = {
     "full": DemoSize(train_examples=512, eval_examples=100, teacher_steps=0, student_steps=300,
                      batch_size=16, teacher_lr=0.0, student_lr=3e-3, teacher_vocab=0,
@@ -81,7 +81,7 @@ TEACHERS = ("smollm2", "toy")
 METHODS = {"sft": ("sft", "paper"), "seqkd": ("seqkd", "paper"), "uld": ("uld", "paper"),
            "mlot-paper": ("mlot", "paper"), "mlot-official": ("mlot", "official")}
 TOY_METHODS = ("sft", "uld", "mlot-paper", "mlot-official")
-SHOTS = {"toy": 1, "smollm2": 8}  # worked examples in the teacher's prompt (README, "The demo")
+SHOTS = {"toy": 1, "smollm2": 8}  # worked examples in the teacher's prompt (docs/distill.md, "The demo")
 MAX_NEW_TOKENS = 8   # the demo's answers are 1-3 words
 
 

@@ -26,7 +26,6 @@ The hidden-state path reads the student's output layer directly: with FSDP or De
 whose parameters are sharded, use ``loss_from="logits"``.
 """
 
-import collections
 import inspect
 import warnings
 
@@ -135,8 +134,7 @@ class DistillationTrainer(transformers.Trainer):
                          train_dataset=train_rows, eval_dataset=eval_rows,
                          processing_class=processing_class, **kwargs)
         self._signature_columns = list(COLUMNS)  # the collator's columns: none removed
-        self._metrics = {"train": collections.defaultdict(list),
-                         "eval": collections.defaultdict(list)}
+        self._metrics = {"train": {}, "eval": {}}  # mode -> term -> (sum, count) since the log
 
         device = self.args.device
         sample = next(iter(train_rows or []), None) or next(iter(_first_rows(eval_rows)), None)
@@ -205,9 +203,11 @@ class DistillationTrainer(transformers.Trainer):
         method = self.distill if mode == "train" else self.eval_distill
         terms = method.terms(inputs["index"].tolist(), student, inputs["labels"],
                              teacher_inputs(inputs))
+        kept = self._metrics[mode]
         for key, value in terms.items():
             if key != "loss":  # the Trainer logs its own
-                self._metrics[mode][key].append(value.detach())
+                total, count = kept.get(key, (0.0, 0))
+                kept[key] = (total + value.detach().float(), count + 1)
         return (terms["loss"], terms) if return_outputs else terms["loss"]
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -224,7 +224,7 @@ class DistillationTrainer(transformers.Trainer):
         kept = self._metrics[mode]
         if kept:
             keys = sorted(kept)
-            means = torch.stack([torch.stack(kept[k]).float().mean() for k in keys])
+            means = torch.stack([kept[k][0] / kept[k][1] for k in keys])
             means = self.accelerator.reduce(means, reduction="mean").tolist()
             prefix = "eval_" if mode == "eval" else ""
             logs.update({f"{prefix}{k}": v for k, v in zip(keys, means)})  # evaluate's metrics

@@ -259,3 +259,20 @@ def test_a_row_without_a_needed_field_names_the_row_and_the_field(tiny, row, mes
     rows = [dict(prompt="a", completion="b"), row]
     with pytest.raises(ValueError, match=re.escape(f"train_dataset: {message}")):
         make_trainer(tiny, "unused", rows, method="sft")
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(method="kd"), "method must be one of ('mlot', 'uld', 'sft'), got 'kd'"),
+    (dict(loss_from="probs"), "loss_from must be one of ('hidden', 'logits'), got 'probs'"),
+    (dict(max_length=0), "max_length must be an integer of at least 1, got 0"),
+    (dict(teacher_model=None), "method 'mlot' needs teacher_model"),
+    (dict(loss_options={"k": 0}), "multi_level_ot_loss: k must be >= 1, got 0"),
+])
+def test_bad_arguments_are_named(tiny, tmp_path, options, message):
+    student = AutoModelForCausalLM.from_pretrained(tiny.student)
+    values = dict(model=student, teacher_model=AutoModelForCausalLM.from_pretrained(tiny.teacher),
+                  args=arguments(tmp_path), train_dataset=trl_rows(4, seed=29),
+                  processing_class=load_tokenizer(tiny.student_tokenizer),
+                  teacher_processing_class=load_tokenizer(tiny.teacher_tokenizer))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DistillationTrainer(**(values | options))

@@ -17,6 +17,9 @@ reference answers). Five formats are read, from a local file (``.jsonl``, ``.jso
 SQuAD F1 for QED, ROUGE-LSum for FairytaleQA and DialogSum.
 
 :func:`demo_examples` makes a synthetic extractive-QA set for an offline demo.
+
+:func:`conversations` reads training rows in TRL's formats (``prompt``/``completion`` and
+``messages``) as well as these QA rows, for :mod:`mlot_kernels.integrations.transformers`.
 """
 
 import dataclasses

@@ -21,6 +21,7 @@ from mlot_kernels.losses.uld import uld_loss
 
 METHODS = ("sft", "seqkd", "uld", "mlot")
 TEACHER_METHODS = ("uld", "mlot")  # the methods that read the teacher at training time
+LOSS_FROM = ("hidden", "logits")  # what the losses read: hidden states and output layers
 
 
 def hidden(states, weight, bias=None):

@@ -40,13 +40,13 @@ from mlot_kernels.distill import prefix_cache
 from mlot_kernels.distill.data import FORMATS, METRIC, load_examples, write_jsonl
 from mlot_kernels.distill.evaluate import evaluate, generate
 from mlot_kernels.distill.files import load_torch, replace_atomically, save_torch, write_json
-from mlot_kernels.distill.methods import METHODS, TEACHER_METHODS, Method, hidden
+from mlot_kernels.distill.methods import LOSS_FROM, METHODS, TEACHER_METHODS, Method, hidden
 from mlot_kernels.distill.models import (DTYPES, HiddenStates, load_model, load_tokenizer,
                                          output_layer, resolve_device, sample_ids)
 from mlot_kernels.distill.prompts import (DistillationCollator, answer_end_id, encode, features,
                                           prompt, teacher_inputs)
 from mlot_kernels.distill.teacher_cache import token_digest
-LOSS_FROM = ("hidden", "logits")
+
 SCHEDULES = ("onecycle", "constant")
 FINAL_WINDOW = 10  # summary.json's final loss terms: the mean over this many last steps
 

@@ -34,7 +34,7 @@ import transformers
 
 from mlot_kernels.distill import prefix_cache
 from mlot_kernels.distill.data import conversations
-from mlot_kernels.distill.methods import Method, hidden
+from mlot_kernels.distill.methods import LOSS_FROM, Method, hidden
 from mlot_kernels.distill.models import output_layer, pad_with_eos, sample_ids
 from mlot_kernels.distill.prompts import (DistillationCollator, Encoded, answer_end_id,
                                           encode_conversation, features, teacher_inputs)
@@ -43,7 +43,6 @@ from mlot_kernels.distill.teacher_cache import token_digest
 __all__ = ["DistillationCollator", "DistillationTrainer", "encode_rows"]
 
 METHODS = ("mlot", "uld", "sft")
-LOSS_FROM = ("hidden", "logits")
 COLUMNS = ("index", "input_ids", "labels", "teacher_input_ids", "teacher_labels")
 
 
@@ -114,6 +113,8 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if loss_from not in LOSS_FROM:
             raise ValueError(f"loss_from must be one of {LOSS_FROM}, got {loss_from!r}")
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be an integer of at least 1, got {max_length!r}")
         if model is None or processing_class is None:
             raise ValueError("DistillationTrainer needs model and processing_class (the "
                              "student's tokenizer)")

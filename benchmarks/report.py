@@ -34,7 +34,8 @@ partial report, so it needs an ``--out`` other than the committed results.
 
 Every row is the median of at least ``MIN_ROUNDS`` timed steps after a warm-up step (which also
 compiles what torch.compile compiles) and the peak extra memory of one step
-(benchmarks/memory.py: a fresh process per row on CPU, ``max_memory_allocated`` on CUDA). A peer
+(benchmarks/memory.py: a fresh process per row on CPU, two at once after the section's timings;
+``max_memory_allocated`` on CUDA). A peer
 whose step is predicted to take longer than ``MAX_STEP_S`` (its last time, scaled as the op's
 time grew) is skipped and the row says so; a step that fails (out of memory) is reported as such.
 On every device the op's rows also give the fraction of the measured copy bandwidth and float32
@@ -44,6 +45,7 @@ baseline per implementation (``BASELINES``), the ratios are to that baseline ins
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib
 import importlib.metadata
@@ -176,16 +178,40 @@ def _measure_row(section, name, group, x, case, impl, spec, kind, predicted_s, c
     try:
         seconds, rounds = median_seconds(case_steps(section.suite, impl, case).forward_backward,
                                          TARGET_S[kind], MIN_ROUNDS)
-        mib = peak_extra_mib(section.suite, impl, case)
     except (torch.OutOfMemoryError, MemoryError) as error:
         return dict(row, skipped=f"failed: {type(error).__name__}")
     finally:
         if kind == "cuda":
             torch.cuda.empty_cache()
-    row.update(median_ms=seconds * 1e3, rounds=rounds, peak_extra_mib=mib)
+    row.update(median_ms=seconds * 1e3, rounds=rounds)
     if impl == REFERENCE:
         row.update(ceilings.fractions(cases.work(case), seconds, ceiling))
     return row
+
+
+def _measure_memory(section, measured, kind):
+    """Each timed row's ``peak_extra_mib`` (``measured``: (row, case) pairs), after the
+    section's timings: on CPU each probe is a fresh process (benchmarks/memory.py) and two run at
+    once, which changes no peak (each is its own process's) and halves the wait; on CUDA one at
+    a time, in this process. A probe out of memory marks its row failed."""
+    def probe(pair):
+        row, case = pair
+        try:
+            return peak_extra_mib(section.suite, row["impl"], case)
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            return error
+        finally:
+            if kind == "cuda":
+                torch.cuda.empty_cache()
+
+    with concurrent.futures.ThreadPoolExecutor(2 if kind == "cpu" else 1) as pool:
+        for (row, _), mib in zip(measured, pool.map(probe, measured)):
+            if isinstance(mib, BaseException):
+                for key in ("median_ms", "rounds", "bandwidth_fraction", "arithmetic_fraction"):
+                    row.pop(key, None)
+                row["skipped"] = f"failed: {type(mib).__name__}"
+            else:
+                row["peak_extra_mib"] = mib
 
 
 def _setting(suite, impl, case):
@@ -204,6 +230,7 @@ def run_section(section, kind, ceiling, log):
     impls = getattr(module, table)
     baselines = getattr(module, "BASELINES", None)
     rows, last = [], {}  # last: impl -> (its seconds, the op's seconds) on its last measured case
+    measured = []  # the timed rows and their cases, for the memory probes
     for name, group, x, case in section.cases:
         reference = None
         for impl, spec in impls.items():
@@ -216,10 +243,16 @@ def run_section(section, kind, ceiling, log):
                 if impl == REFERENCE:
                     reference = row["median_ms"] / 1e3
                 last[impl] = (row["median_ms"] / 1e3, reference)
+                measured.append((row, case))
             log(f"{section.suite} {name} {impl}: " + (
-                row.get("skipped") or f"{row['median_ms']:.2f} ms, {row['peak_extra_mib']:.1f} MiB"))
+                row.get("skipped") or f"{row['median_ms']:.2f} ms"))
             rows.append(row)
-        case_rows = {r["impl"]: r for r in rows[-len(impls):]}
+    _measure_memory(section, measured, kind)
+    for row, _ in measured:
+        log(f"{section.suite} {row['case']} {row['impl']}: " + (
+            row.get("skipped") or f"{row['peak_extra_mib']:.1f} MiB"))
+    for index, (*_, case) in enumerate(section.cases):
+        case_rows = {r["impl"]: r for r in rows[index * len(impls):(index + 1) * len(impls)]}
         if baselines is not None:
             _baseline_ratios(case_rows, baselines, module.student_logits_mib(case))
             continue

@@ -117,17 +117,22 @@ def make_case_steps(impl, case, impls=IMPLS):
 
 
 def work(case):
-    """The modelled work of one forward+backward of the op (benchmarks/ceilings.py), over the
-    valid positions: the cost matrix 3K flops per pair (subtract, abs, add), each of the
-    2 n_iters + 1 passes over the pairs 5 flops (add a potential, subtract the cost, scale, exp,
-    accumulate), the backward counted as twice the forward; bytes: the float32 inputs read and
+    """The floor model of one forward+backward of the op (benchmarks/ceilings.py), over the
+    valid positions, in vector lane operations (an FMA, add, subtract, bitwise and or compare:
+    one each), stated as flops at two per lane operation, the rate a matrix product reaches: so
+    the fraction of the matmul rate is the floor's time over the measured time. Per pair of
+    positions: the cost 3K (subtract, absolute value, add) in the forward and again in the
+    backward (only the potentials are saved), its gradient 5K (subtract, compare, apply the
+    sign, add to each side), the Gibbs kernel and the loss 37 (two exponentials at 15, the loss
+    terms 7), and 10 per iteration (the scaling form: one matrix-vector product per half-step
+    forward, four in the backward and two rank-1 plan terms). Bytes: the float32 inputs read and
     their gradients written."""
     x, y, x_lengths, y_lengths = make_inputs(dict(case, device="cpu"))
     m = x_lengths if x_lengths is not None else torch.full((case["batch"],), x.shape[1])
     n = y_lengths if y_lengths is not None else torch.full((case["batch"],), y.shape[1])
     pairs, rows = int((m * n).sum()), int((m + n).sum())
-    forward = 3 * case["k"] * pairs + (2 * case["n_iters"] + 1) * 5 * pairs
-    return dict(flops=3 * forward, bytes=2 * 4 * rows * case["k"])
+    lane_ops = (11 * case["k"] + 37 + 10 * case["n_iters"]) * pairs
+    return dict(flops=2 * lane_ops, bytes=2 * 4 * rows * case["k"])
 
 
 def shape(case):

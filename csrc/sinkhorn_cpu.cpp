@@ -51,11 +51,20 @@
 // (sign(0) = 0), and back through the softmax when T > 0.
 // Work per problem: O(m n K) for the cost and its gradient, O(m n) per
 // half-iteration; memory O(m n) scratch per thread plus the saved potentials.
+//
+// Vectorisation (Simd<T> in vec_math.h, one register of the widest unit the build targets):
+// the cost and its gradient run over register blocks of rows x vectors of columns that stay in
+// registers for the whole sum over l; the matrix-vector products keep independent vector
+// accumulators. G (64 KiB at 128 x 128) outgrows L1, so passes over it are shared: a forward
+// iteration is one pass (each block of rows of the f-step, still in cache, adds into the
+// g-step's column sums, unless a row falls back or a scaling leaves its range), and in the
+// backward each product with G or G^T also computes the next step's normalising sums.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 
@@ -109,22 +118,32 @@ void load_rows(const T* in, int64_t rows, int64_t K, double temperature, T* out)
     std::copy(in, in + rows * K, out);
     return;
   }
+  using S = Simd<T>;
+  constexpr int64_t lanes = S::kLanes;
   const T inv_t = T(1) / T(temperature);
   for (int64_t i = 0; i < rows; ++i) {
     const T* row = in + i * K;
     T* o = out + i * K;
-    T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t l = 0; l < K; ++l) mx = std::max(mx, row[l]);
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t l = 0; l < K; ++l) {
-      o[l] = exp_simd((row[l] - mx) * inv_t);
-      sum += o[l];
+    const auto mx = S::splat(max_of(row, K));
+    typename S::V sums{};
+    int64_t l = 0;
+    for (; l + lanes <= K; l += lanes) {
+      const auto e = S::exp((S::load(row + l) - mx) * inv_t);
+      S::store(o + l, e);
+      sums += e;
     }
-    const T inv_sum = T(1) / sum;
+    if (l < K) {  // the tail, padded with -inf (probability 0)
+      T tail[lanes];
+      std::fill(tail, tail + lanes, -std::numeric_limits<T>::infinity());
+      std::copy(row + l, row + K, tail);
+      const auto e = S::exp((S::load(tail) - mx) * inv_t);
+      S::store(tail, e);
+      std::copy(tail, tail + (K - l), o + l);
+      sums += e;
+    }
+    const T inv_sum = T(1) / S::sum(sums);
 #pragma omp simd
-    for (int64_t l = 0; l < K; ++l) o[l] *= inv_sum;
+    for (int64_t k = 0; k < K; ++k) o[k] *= inv_sum;
   }
 }
 
@@ -135,80 +154,125 @@ void transpose(const T* in, int64_t rows, int64_t cols, int64_t in_stride, T* ou
     for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = in[i * in_stride + j];
 }
 
-// The cost and its gradient run over register tiles of kRowTile x kColTile entries
-// that stay in registers for the whole sum over l; a is zero-padded to whole row
-// tiles ([m_pad, K]) and c, transposed, to whole column tiles ([K, n_pad]).
+// The cost and its gradient run over register blocks of kRowTile rows x NB vectors of columns
+// (Simd<T>), which stay in registers for the whole sum over l: per l, the block loads NB vectors
+// of c and kRowTile scalars of a. a is zero-padded to whole row tiles ([m_pad, K]) and c,
+// transposed, to whole column tiles ([K, n_pad]); the blocks hold kBlockVectors vectors, and
+// the columns left over go one vector at a time.
 constexpr int64_t kRowTile = 4;
 constexpr int64_t kColTile = 16;
+constexpr int kBlockVectors = kRegisters == 32 ? 4 : 2;
+constexpr int64_t kMatvecRows = kRegisters == 32 ? 8 : 4;  // accumulators of a matrix-vector product
+static_assert(kColTile % Simd<float>::kLanes == 0 && kColTile % Simd<double>::kLanes == 0,
+              "column tiles must be whole vectors");
 
 inline int64_t round_up(int64_t value, int64_t tile) { return (value + tile - 1) / tile * tile; }
 
-// C_ij = sum_l |a_il - c_jl|^P, C stored [m, n].
+// |d|^P, and Cbar * dC/da = Cbar * P |d|^(P-1) sign(d) (sign(0) = 0), for d = a - c.
 template <typename T, int P>
-void build_cost(const T* a, const T* cT, int64_t m, int64_t n, int64_t n_pad, int64_t K, T* C) {
-  for (int64_t i0 = 0; i0 < m; i0 += kRowTile) {
-    for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
-      T acc[kRowTile][kColTile] = {};
-      for (int64_t l = 0; l < K; ++l) {
-        const T* cl = cT + l * n_pad + j0;
-        for (int64_t r = 0; r < kRowTile; ++r) {
-          const T ar = a[(i0 + r) * K + l];
-#pragma omp simd
-          for (int64_t jj = 0; jj < kColTile; ++jj) {
-            const T d = ar - cl[jj];
-            acc[r][jj] += P == 1 ? std::abs(d) : d * d;
-          }
-        }
-      }
-      const int64_t rows = std::min(kRowTile, m - i0), cols = std::min(kColTile, n - j0);
-      for (int64_t r = 0; r < rows; ++r)
-        std::copy(acc[r], acc[r] + cols, C + (i0 + r) * n + j0);
+inline typename Simd<T>::V cost_term(typename Simd<T>::V d) {
+  return P == 1 ? Simd<T>::abs(d) : d * d;
+}
+template <typename T, int P>
+inline typename Simd<T>::V cost_weight(typename Simd<T>::V cbar, typename Simd<T>::V d) {
+  return P == 1 ? Simd<T>::times_sign(cbar, d) : cbar * (d + d);
+}
+
+// C_ij = sum_l |a_il - c_jl|^P for rows i0..i0+kRowTile and NB vectors of columns from j0.
+template <typename T, int P, int NB>
+inline void cost_block(const T* a, const T* cT, int64_t n_pad, int64_t K, int64_t i0, int64_t j0,
+                       typename Simd<T>::V (&acc)[kRowTile][NB]) {
+  using S = Simd<T>;
+  for (auto& row : acc)
+    for (auto& v : row) v = typename S::V{};
+  for (int64_t l = 0; l < K; ++l) {
+    typename S::V c[NB];
+    for (int v = 0; v < NB; ++v) c[v] = S::load(cT + l * n_pad + j0 + v * S::kLanes);
+    for (int64_t r = 0; r < kRowTile; ++r) {
+      const auto ar = S::splat(a[(i0 + r) * K + l]);
+      for (int v = 0; v < NB; ++v) acc[r][v] += cost_term<T, P>(ar - c[v]);
     }
   }
 }
 
-// abar_il = sum_j Cbar_ij dC_ij/da_il and cbarT_lj = sum_i Cbar_ij dC_ij/dc_jl, with
-// dC/da = p |a - c|^(p-1) sign(a - c) (sign(0) = 0) = -dC/dc. `partial`
-// [kRowTile, K, kColTile] holds the per-lane sums of abar for one row tile.
+// C stored [m, n] (the block's rows and columns past m, n are dropped).
+template <typename T, int P, int NB>
+inline void store_cost_block(const T* a, const T* cT, int64_t m, int64_t n, int64_t n_pad,
+                             int64_t K, int64_t i0, int64_t j0, T* C) {
+  using S = Simd<T>;
+  typename S::V acc[kRowTile][NB];
+  cost_block<T, P, NB>(a, cT, n_pad, K, i0, j0, acc);
+  T tile[NB * S::kLanes];
+  const int64_t rows = std::min(kRowTile, m - i0), cols = std::min<int64_t>(NB * S::kLanes, n - j0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int v = 0; v < NB; ++v) S::store(tile + v * S::kLanes, acc[r][v]);
+    std::copy(tile, tile + cols, C + (i0 + r) * n + j0);
+  }
+}
+
 template <typename T, int P>
-void cost_backward(const T* a, const T* cT, const T* Cbar, int64_t m, int64_t n, int64_t n_pad,
-                   int64_t K, T* abar, T* cbarT, T* partial) {
-  std::fill(cbarT, cbarT + K * n_pad, T(0));
+void build_cost(const T* a, const T* cT, int64_t m, int64_t n, int64_t n_pad, int64_t K, T* C) {
+  constexpr int64_t lanes = Simd<T>::kLanes, width = kBlockVectors * lanes;
   for (int64_t i0 = 0; i0 < m; i0 += kRowTile) {
-    const int64_t rows = std::min(kRowTile, m - i0);
-    std::fill(partial, partial + kRowTile * K * kColTile, T(0));
-    for (int64_t j0 = 0; j0 < n; j0 += kColTile) {
-      const int64_t cols = std::min(kColTile, n - j0);
-      T cb[kRowTile][kColTile] = {};
-      for (int64_t r = 0; r < rows; ++r)
-        std::copy(Cbar + (i0 + r) * n + j0, Cbar + (i0 + r) * n + j0 + cols, cb[r]);
-      for (int64_t l = 0; l < K; ++l) {
-        const T* cl = cT + l * n_pad + j0;
-        T col_sum[kColTile] = {};
-        for (int64_t r = 0; r < kRowTile; ++r) {
-          const T ar = a[(i0 + r) * K + l];
-          T* part = partial + (r * K + l) * kColTile;
-#pragma omp simd
-          for (int64_t jj = 0; jj < kColTile; ++jj) {
-            const T d = ar - cl[jj];
-            const T dC = P == 1 ? T(d > T(0)) - T(d < T(0)) : T(2) * d;
-            const T w = cb[r][jj] * dC;
-            part[jj] += w;
-            col_sum[jj] += w;
-          }
-        }
-        T* cbl = cbarT + l * n_pad + j0;
-#pragma omp simd
-        for (int64_t jj = 0; jj < kColTile; ++jj) cbl[jj] -= col_sum[jj];
-      }
+    int64_t j0 = 0;
+    for (; j0 + width <= n_pad; j0 += width)
+      store_cost_block<T, P, kBlockVectors>(a, cT, m, n, n_pad, K, i0, j0, C);
+    for (; j0 < n; j0 += lanes) store_cost_block<T, P, 1>(a, cT, m, n, n_pad, K, i0, j0, C);
+  }
+}
+
+// The gradient of one block: partial[r, l] (a vector) += sum over the block's columns of
+// Cbar_ij dC_ij/da_il, and cbarT_lj -= the same terms summed over the block's rows. Cbar is
+// [m_pad, n_pad] with zero padding, so padded rows and columns add nothing.
+template <typename T, int P, int NB>
+inline void cost_backward_block(const T* a, const T* cT, const T* Cbar, int64_t n_pad, int64_t K,
+                                int64_t i0, int64_t j0, T* cbarT, T* partial) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  V cb[kRowTile][NB];
+  for (int64_t r = 0; r < kRowTile; ++r)
+    for (int v = 0; v < NB; ++v) cb[r][v] = S::load(Cbar + (i0 + r) * n_pad + j0 + v * S::kLanes);
+  for (int64_t l = 0; l < K; ++l) {
+    T* cbl = cbarT + l * n_pad + j0;
+    V c[NB], col[NB];
+    for (int v = 0; v < NB; ++v) {
+      c[v] = S::load(cT + l * n_pad + j0 + v * S::kLanes);
+      col[v] = V{};
     }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t l = 0; l < K; ++l) {
-        const T* part = partial + (r * K + l) * kColTile;
-        T sum = 0;
-        for (int64_t jj = 0; jj < kColTile; ++jj) sum += part[jj];
-        abar[(i0 + r) * K + l] = sum;
+    for (int64_t r = 0; r < kRowTile; ++r) {
+      const V ar = S::splat(a[(i0 + r) * K + l]);
+      V row{};
+      for (int v = 0; v < NB; ++v) {
+        const V w = cost_weight<T, P>(cb[r][v], ar - c[v]);
+        row += w;
+        col[v] += w;
       }
+      T* part = partial + (r * K + l) * S::kLanes;
+      S::store(part, S::load(part) + row);
+    }
+    for (int v = 0; v < NB; ++v) S::store(cbl + v * S::kLanes, S::load(cbl + v * S::kLanes) - col[v]);
+  }
+}
+
+// abar_il = sum_j Cbar_ij dC_ij/da_il and cbarT_lj = sum_i Cbar_ij dC_ij/dc_jl (= -dC/da) over
+// abar [m_pad, K] and Cbar [m_pad, n_pad]; `partial` [kRowTile, K, lanes] holds the per-lane
+// sums of abar for one row tile.
+template <typename T, int P>
+void cost_backward(const T* a, const T* cT, const T* Cbar, int64_t m_pad, int64_t n_pad,
+                   int64_t K, T* abar, T* cbarT, T* partial) {
+  using S = Simd<T>;
+  constexpr int64_t lanes = S::kLanes, width = kBlockVectors * lanes;
+  std::fill(cbarT, cbarT + K * n_pad, T(0));
+  for (int64_t i0 = 0; i0 < m_pad; i0 += kRowTile) {
+    std::fill(partial, partial + kRowTile * K * lanes, T(0));
+    int64_t j0 = 0;
+    for (; j0 + width <= n_pad; j0 += width)
+      cost_backward_block<T, P, kBlockVectors>(a, cT, Cbar, n_pad, K, i0, j0, cbarT, partial);
+    for (; j0 < n_pad; j0 += lanes)
+      cost_backward_block<T, P, 1>(a, cT, Cbar, n_pad, K, i0, j0, cbarT, partial);
+    for (int64_t r = 0; r < kRowTile; ++r)
+      for (int64_t l = 0; l < K; ++l)
+        abar[(i0 + r) * K + l] = S::sum(S::load(partial + (r * K + l) * lanes));
   }
 }
 
@@ -225,10 +289,10 @@ void load_rows_backward(const T* out, const T* grad_out, int64_t rows, int64_t K
       std::copy(go, go + K, gi);
       continue;
     }
-    T dot = 0;
-    for (int64_t l = 0; l < K; ++l) dot += o[l] * go[l];
+    const T d = dot(o, go, K);
     const T inv_t = T(1) / T(temperature);
-    for (int64_t l = 0; l < K; ++l) gi[l] = o[l] * (go[l] - dot) * inv_t;
+#pragma omp simd
+    for (int64_t l = 0; l < K; ++l) gi[l] = o[l] * (go[l] - d) * inv_t;
   }
 }
 
@@ -300,25 +364,90 @@ struct GibbsKernel {
     }
   }
 
-  // out_i = sum_j G_ij v_j
-  void times(const T* v, T* out) const {
-    for (int64_t i = 0; i < m; ++i) {
-      const T* Gi = G + i * n;
-      T r = 0;
-#pragma omp simd reduction(+ : r)
-      for (int64_t j = 0; j < n; ++j) r += Gi[j] * v[j];
-      out[i] = r;
-    }
-  }
-
-  // out_j = sum_i u_i G_ij
-  void transpose_times(const T* u, T* out) const {
-    std::fill(out, out + n, T(0));
-    for (int64_t i = 0; i < m; ++i) {
+  // out_j += sum_i u_i G_ij over the rows i0..i0+rows-1 only.
+  void add_rows(const T* u, int64_t i0, int64_t rows, T* out) const {
+    for (int64_t i = i0; i < i0 + rows; ++i) {
       const T* Gi = G + i * n;
       const T ui = u[i];
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) out[j] += Gi[j] * ui;
+    }
+  }
+
+  // out_i = sum_j G_ij v_j, and out2 = G v2 in the same pass when v2 is given; kMatvecRows rows
+  // at a time: independent accumulators, v's vectors loaded once per block of rows.
+  void times(const T* v, T* out, const T* v2 = nullptr, T* out2 = nullptr) const {
+    if (v2 == nullptr) return times_n<1>({v}, {out}, 0, m);
+    times_n<2>({v, v2}, {out, out2}, 0, m);
+  }
+
+  // out[i - i0] = sum_j G_ij v_j for the rows i0..i0+rows-1.
+  void times_rows(const T* v, int64_t i0, int64_t rows, T* out) const {
+    times_n<1>({v}, {out - i0}, i0, i0 + rows);
+  }
+
+  // out_j = sum_i u_i G_ij (and out2 = G^T u2 in the same pass), kMatvecRows vectors of
+  // columns at a time, held in registers over all the rows.
+  void transpose_times(const T* u, T* out, const T* u2 = nullptr, T* out2 = nullptr) const {
+    if (u2 == nullptr) return transpose_times_n<1>({u}, {out});
+    transpose_times_n<2>({u, u2}, {out, out2});
+  }
+
+ private:
+  template <int NV>
+  void times_n(std::array<const T*, NV> v, std::array<T*, NV> out, int64_t begin,
+               int64_t end) const {
+    using S = Simd<T>;
+    constexpr int64_t lanes = S::kLanes;
+    const int64_t n_vec = n / lanes * lanes;
+    int64_t i = begin;
+    for (; i + kMatvecRows <= end; i += kMatvecRows) {
+      typename S::V acc[NV][kMatvecRows] = {};
+      for (int64_t j = 0; j < n_vec; j += lanes) {
+        typename S::V vj[NV];
+        for (int k = 0; k < NV; ++k) vj[k] = S::load(v[k] + j);
+        for (int64_t r = 0; r < kMatvecRows; ++r) {
+          const auto Gij = S::load(G + (i + r) * n + j);
+          for (int k = 0; k < NV; ++k) acc[k][r] += Gij * vj[k];
+        }
+      }
+      for (int k = 0; k < NV; ++k)
+        for (int64_t r = 0; r < kMatvecRows; ++r) {
+          T total = S::sum(acc[k][r]);
+          for (int64_t j = n_vec; j < n; ++j) total += G[(i + r) * n + j] * v[k][j];
+          out[k][i + r] = total;
+        }
+    }
+    for (; i < end; ++i)
+      for (int k = 0; k < NV; ++k) out[k][i] = dot(G + i * n, v[k], n);
+  }
+
+  template <int NV>
+  void transpose_times_n(std::array<const T*, NV> u, std::array<T*, NV> out) const {
+    using S = Simd<T>;
+    constexpr int64_t lanes = S::kLanes, width = kMatvecRows / NV * lanes;
+    int64_t j = 0;
+    for (; j + width <= n; j += width) {
+      typename S::V acc[NV][kMatvecRows / NV] = {};
+      for (int64_t i = 0; i < m; ++i) {
+        typename S::V ui[NV];
+        for (int k = 0; k < NV; ++k) ui[k] = S::splat(u[k][i]);
+        for (int64_t c = 0; c < kMatvecRows / NV; ++c) {
+          const auto Gij = S::load(G + i * n + j + c * lanes);
+          for (int k = 0; k < NV; ++k) acc[k][c] += Gij * ui[k];
+        }
+      }
+      for (int k = 0; k < NV; ++k)
+        for (int64_t c = 0; c < kMatvecRows / NV; ++c) S::store(out[k] + j + c * lanes, acc[k][c]);
+    }
+    for (int k = 0; k < NV; ++k) {
+      std::fill(out[k] + j, out[k] + n, T(0));
+      for (int64_t i = 0; i < m && j < n; ++i) {
+        const T* Gi = G + i * n;
+        const T ui = u[k][i];
+#pragma omp simd
+        for (int64_t jj = j; jj < n; ++jj) out[k][jj] += Gi[jj] * ui;
+      }
     }
   }
 };
@@ -326,7 +455,7 @@ struct GibbsKernel {
 // A kernel-scaling sum is trusted when finite and above the floor (see the top of the file).
 template <typename T>
 bool trusted(T sum) {
-  return std::isfinite(sum) && sum >= Stab<T>::sum_floor;
+  return sum >= Stab<T>::sum_floor && sum <= std::numeric_limits<T>::max();  // false for NaN
 }
 
 // -eps * LSE_k((h_k - C_k)/eps) over k = 0..len-1, C_k = C[k * stride].
@@ -343,11 +472,13 @@ T neg_eps_lse(const T* h, const T* C, int64_t len, int64_t stride, T eps) {
 // True when every |log_scale[k]| <= tau (false for NaN); then scale = exp(log_scale).
 template <typename T>
 bool scalings_in_range(const T* log_scale, int64_t len, T* scale) {
-  bool ok = true;
-  for (int64_t k = 0; k < len; ++k) ok = ok && std::abs(log_scale[k]) <= Stab<T>::tau;
-  if (ok)
-    for (int64_t k = 0; k < len; ++k) scale[k] = std::exp(log_scale[k]);
-  return ok;
+  int out = 0;
+#pragma omp simd reduction(| : out)
+  for (int64_t k = 0; k < len; ++k) out |= !(std::abs(log_scale[k]) <= Stab<T>::tau);
+  if (out) return false;
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) scale[k] = exp_simd(log_scale[k]);
+  return true;
 }
 
 // ---------------------------------------------------------------- forward
@@ -360,10 +491,11 @@ struct ForwardSolver {
   T* g;  // [n]
   T* u;  // [m]
   T* v;  // [n]
-  T* log_scale;  // [max(m, n)]
+  T* log_scale;    // [max(m, n)]
+  T* column_sums;  // [n]
 
   static int64_t scratch(int64_t m, int64_t n) {
-    return GibbsKernel<T>::scratch(m, n) + 2 * m + 2 * n + std::max(m, n);
+    return GibbsKernel<T>::scratch(m, n) + 2 * m + 3 * n + std::max(m, n);
   }
 
   ForwardSolver(Arena<T>& arena, const Geometry<T>& geo, T eps, bool unit_marginals)
@@ -376,6 +508,7 @@ struct ForwardSolver {
     u = arena.take(m);
     v = arena.take(n);
     log_scale = arena.take(std::max(m, n));
+    column_sums = arena.take(n);
     std::fill(f, f + m, T(0));
     std::fill(g, g + n, T(0));
     rebase();
@@ -385,6 +518,38 @@ struct ForwardSolver {
     kernel.rebase(f, g);
     std::fill(u, u + kernel.m, T(1));
     std::fill(v, v + kernel.n, T(1));
+  }
+
+  // One iteration (an f-step, then a g-step) with one read of G: the f-step runs over blocks of
+  // kMatvecRows rows, and each block, still in cache, adds its rows into the g-step's column
+  // sums s = G^T u. That needs every row sum trusted and every scaling in range; otherwise
+  // (a fallback row or an absorption) the two steps run apart, from the start.
+  void iterate() {
+    const int64_t m = kernel.m, n = kernel.n;
+    const T eps = kernel.eps;
+    T* s = column_sums;
+    std::fill(s, s + n, T(0));
+    for (int64_t i0 = 0; i0 < m; i0 += kMatvecRows) {
+      const int64_t rows = std::min(kMatvecRows, m - i0);
+      kernel.times_rows(v, i0, rows, log_scale + i0);
+      int out = 0;
+#pragma omp simd reduction(| : out)
+      for (int64_t i = i0; i < i0 + rows; ++i) {
+        const bool ok = trusted(log_scale[i]);
+        const T ls = la - log_simd(ok ? log_scale[i] : T(1));
+        out |= !(ok && std::abs(ls) <= Stab<T>::tau);
+        f[i] = kernel.alpha[i] + eps * ls;
+        u[i] = exp_simd(ls);
+      }
+      if (out) {
+        f_step();
+        g_step();
+        return;
+      }
+      kernel.add_rows(u, i0, rows, s);
+    }
+    std::copy(s, s + n, log_scale);
+    update(n, lb, kernel.beta, f, m, 1, n, g, v);
   }
 
   // f-step: r = G v, then f_i = alpha_i + eps*(la - log r_i).
@@ -406,14 +571,19 @@ struct ForwardSolver {
   void update(int64_t len, T lmarg, const T* ref, const T* other, int64_t other_len,
               int64_t k_stride, int64_t l_stride, T* pot, T* scale) {
     const T eps = kernel.eps;
+    int untrusted = 0;
+#pragma omp simd reduction(| : untrusted)
     for (int64_t k = 0; k < len; ++k) {
-      if (trusted(log_scale[k])) {
-        log_scale[k] = lmarg - std::log(log_scale[k]);
-        pot[k] = ref[k] + eps * log_scale[k];
-      } else {
-        pot[k] = eps * lmarg + neg_eps_lse(other, kernel.C + k * k_stride, other_len, l_stride, eps);
-        log_scale[k] = (pot[k] - ref[k]) / eps;
-      }
+      const bool ok = trusted(log_scale[k]);
+      untrusted |= !ok;
+      const T ls = lmarg - log_simd(ok ? log_scale[k] : T(1));
+      pot[k] = ref[k] + eps * ls;
+      log_scale[k] = ok ? ls : std::numeric_limits<T>::quiet_NaN();  // NaN marks the fallbacks
+    }
+    for (int64_t k = 0; untrusted && k < len; ++k) {
+      if (log_scale[k] == log_scale[k]) continue;
+      pot[k] = eps * lmarg + neg_eps_lse(other, kernel.C + k * k_stride, other_len, l_stride, eps);
+      log_scale[k] = (pot[k] - ref[k]) / eps;
     }
     if (!scalings_in_range(log_scale, len, scale)) rebase();
   }
@@ -446,8 +616,7 @@ void forward_problem(const T* x, const T* y, int64_t m, int64_t n, int64_t K, T 
   const Geometry<T> geo(arena, x, y, m, n, K, temperature, p);
   ForwardSolver<T> solver(arena, geo, eps, unit_marginals);
   for (int64_t t = 1; t <= n_iters; ++t) {
-    solver.f_step();
-    solver.g_step();
+    solver.iterate();
     std::copy(solver.f, solver.f + m, f_hist + t * M);
     std::copy(solver.g, solver.g + n, g_hist + t * N);
   }
@@ -482,20 +651,38 @@ struct PlanGradient {
     ++count;
   }
 
+  // Cbar_ij += G_ij * sum_r A_ri B_rj: kBlockVectors vectors of a row at a time, summed over r
+  // in registers; the columns left over through `row`.
   void flush(const GibbsKernel<T>& kernel, T* Cbar) {
+    using S = Simd<T>;
+    constexpr int64_t lanes = S::kLanes, width = kBlockVectors * lanes;
     if (count == 0) return;
+    const int64_t n_blocks = n / width * width;
     for (int64_t i = 0; i < m; ++i) {
-      std::fill(row, row + n, T(0));
+      const T* Gi = kernel.G + i * n;
+      T* Cbi = Cbar + i * n;
+      for (int64_t j = 0; j < n_blocks; j += width) {
+        typename S::V acc[kBlockVectors] = {};
+        for (int64_t r = 0; r < count; ++r) {
+          const auto ari = S::splat(A[r * m + i]);
+          for (int v = 0; v < kBlockVectors; ++v)
+            acc[v] += ari * S::load(B + r * n + j + v * lanes);
+        }
+        for (int v = 0; v < kBlockVectors; ++v) {
+          T* out = Cbi + j + v * lanes;
+          S::store(out, S::load(out) + S::load(Gi + j + v * lanes) * acc[v]);
+        }
+      }
+      if (n_blocks == n) continue;
+      std::fill(row + n_blocks, row + n, T(0));
       for (int64_t r = 0; r < count; ++r) {
         const T ari = A[r * m + i];
         const T* Br = B + r * n;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) row[j] += ari * Br[j];
+        for (int64_t j = n_blocks; j < n; ++j) row[j] += ari * Br[j];
       }
-      const T* Gi = kernel.G + i * n;
-      T* Cbi = Cbar + i * n;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) Cbi[j] += Gi[j] * row[j];
+      for (int64_t j = n_blocks; j < n; ++j) Cbi[j] += Gi[j] * row[j];
     }
     count = 0;
   }
@@ -516,7 +703,7 @@ struct BackwardSweep {
 
   static int64_t scratch(int64_t m, int64_t n) {
     return GibbsKernel<T>::scratch(m, n) + PlanGradient<T>::scratch(m, n) + m * n + 3 * m +
-           2 * n + std::max(m, n);
+           2 * n + 3 * std::max(m, n);
   }
 
   BackwardSweep(Arena<T>& arena, const Geometry<T>& geo, T eps, bool unit_marginals)
@@ -531,21 +718,25 @@ struct BackwardSweep {
     V = arena.take(n);
     w = arena.take(std::max(m, n));
     Gw = arena.take(m);
+    next_scale = arena.take(std::max(m, n));
+    next_sums = arena.take(std::max(m, n));
   }
 
   // sums_k <- 1 / sums_k; false when a sum is not trusted.
   static bool invert_sums(T* sums, int64_t len) {
-    bool ok = true;
+    int bad = 0;
+#pragma omp simd reduction(| : bad)
     for (int64_t k = 0; k < len; ++k) {
-      ok = ok && trusted(sums[k]);
+      bad |= !trusted(sums[k]);
       sums[k] = T(1) / sums[k];
     }
-    return ok;
+    return !bad;
   }
 
   // scale_k = exp((pot_k - ref_k)/eps); false when one leaves [e^-tau, e^tau].
   bool scale_from(const T* pot, const T* ref, int64_t len, T* scale) const {
     const T inv_eps = T(1) / kernel.eps;
+#pragma omp simd
     for (int64_t k = 0; k < len; ++k) scale[k] = (pot[k] - ref[k]) * inv_eps;
     return scalings_in_range(scale, len, scale);
   }
@@ -622,27 +813,54 @@ struct BackwardSweep {
   }
 
   // g^t = eps*lb - eps*LSE_i((f^t_i - C_ij)/eps):  fbar^t -= pi^g gbar^t,  Cbar += pi^g diag(gbar^t).
-  void g_step(const T* f_t, const T* g_t) {
+  // The pass for pi^g gbar^t also sums the rows of the f-step's plan (pi^f from g^{t-1}) when
+  // its scalings are in range: one read of G for both.
+  void g_step(const T* f_t, const T* g_t, const T* g_prev) {
     const int64_t m = kernel.m, n = kernel.n;
-    column_stochastic_plan(f_t, g_t);
+    if (next_plan_ready && invert_sums(next_sums, n))
+      take_next_plan(/*g_plan=*/true);
+    else
+      column_stochastic_plan(f_t, g_t);
     for (int64_t j = 0; j < n; ++j) w[j] = V[j] * gbar[j];
-    kernel.times(w, Gw);
+    next_plan_ready = scale_from(g_prev, kernel.beta, n, next_scale);
+    kernel.times(w, Gw, next_plan_ready ? next_scale : nullptr, next_sums);
     for (int64_t i = 0; i < m; ++i) fbar[i] -= U[i] * Gw[i];
     plan.add(U, w, kernel, Cbar);
   }
 
   // f^t = eps*la - eps*LSE_j((g^{t-1}_j - C_ij)/eps):  gbar^{t-1} = -pi^f^T fbar^t,
-  // Cbar += diag(fbar^t) pi^f; then fbar restarts at 0 for f^{t-1}.
-  void f_step(const T* f_t, const T* g_prev, bool need_gbar) {
+  // Cbar += diag(fbar^t) pi^f; then fbar restarts at 0 for f^{t-1}. The pass for gbar^{t-1}
+  // also sums the columns of the next g-step's plan (from f^{t-1}, when given) likewise.
+  void f_step(const T* f_t, const T* g_prev, const T* f_prev) {
     const int64_t m = kernel.m, n = kernel.n;
-    row_stochastic_plan(f_t, g_prev);
+    if (next_plan_ready && invert_sums(next_sums, m))
+      take_next_plan(/*g_plan=*/false);
+    else
+      row_stochastic_plan(f_t, g_prev);
     for (int64_t i = 0; i < m; ++i) w[i] = U[i] * fbar[i];
-    if (need_gbar) {
-      kernel.transpose_times(w, gbar);
+    next_plan_ready = false;
+    if (f_prev != nullptr) {
+      next_plan_ready = scale_from(f_prev, kernel.alpha, m, next_scale);
+      kernel.transpose_times(w, gbar, next_plan_ready ? next_scale : nullptr, next_sums);
       for (int64_t j = 0; j < n; ++j) gbar[j] *= -V[j];
     }
     plan.add(w, V, kernel, Cbar);
     std::fill(fbar, fbar + m, T(0));
+  }
+
+ private:
+  // The plan prepared by the previous step's pass: next_scale the scalings from the saved
+  // potential, next_sums (inverted) the normalisers; a g-step's plan is diag(U) G diag(V) with
+  // U = next_scale, V = next_sums, an f-step's the other way round.
+  bool next_plan_ready = false;
+  T* next_scale;  // [max(m, n)]
+  T* next_sums;   // [max(m, n)]
+
+  // U, V <- the prepared plan of a g-step (g_plan) or of an f-step.
+  void take_next_plan(bool g_plan) {
+    const int64_t m = kernel.m, n = kernel.n;
+    std::copy(next_scale, next_scale + (g_plan ? m : n), g_plan ? U : V);
+    std::copy(next_sums, next_sums + (g_plan ? n : m), g_plan ? V : U);
   }
 };
 
@@ -652,28 +870,33 @@ void backward_problem(T grad, const T* x, const T* y, int64_t m, int64_t n, int6
                       bool detach_plan, const T* f_hist, const T* g_hist, int64_t M,
                       int64_t N, T* grad_x, T* grad_y) {
   if (m == 0 || n == 0) return;  // grad_x, grad_y stay 0
-  Arena<T> arena(Geometry<T>::scratch(m, n, K) + BackwardSweep<T>::scratch(m, n) + m * K +
-                 K * round_up(n, kColTile) + n * K + kRowTile * K * kColTile);
+  const int64_t m_pad = round_up(m, kRowTile), n_pad = round_up(n, kColTile);
+  Arena<T> arena(Geometry<T>::scratch(m, n, K) + BackwardSweep<T>::scratch(m, n) +
+                 m_pad * n_pad + m_pad * K + K * n_pad + n * K + kRowTile * K * kColTile);
   const Geometry<T> geo(arena, x, y, m, n, K, temperature, p);
   BackwardSweep<T> sweep(arena, geo, eps, unit_marginals);
 
   sweep.loss_term(f_hist + n_iters * M, g_hist + n_iters * N, n_iters > 0, grad, detach_plan);
   if (!detach_plan) {
     for (int64_t t = n_iters; t >= 1; --t) {
-      sweep.g_step(f_hist + t * M, g_hist + t * N);
-      sweep.f_step(f_hist + t * M, g_hist + (t - 1) * N, /*need_gbar=*/t > 1);
+      sweep.g_step(f_hist + t * M, g_hist + t * N, g_hist + (t - 1) * N);
+      sweep.f_step(f_hist + t * M, g_hist + (t - 1) * N, t > 1 ? f_hist + (t - 1) * M : nullptr);
     }
   }
   sweep.plan.flush(sweep.kernel, sweep.Cbar);
 
-  T* abar = arena.take(m * K);
-  T* cbarT = arena.take(K * geo.n_pad);
+  T* Cbar = arena.take(m_pad * n_pad);  // sweep.Cbar zero-padded to whole tiles
+  std::fill(Cbar, Cbar + m_pad * n_pad, T(0));
+  for (int64_t i = 0; i < m; ++i)
+    std::copy(sweep.Cbar + i * n, sweep.Cbar + (i + 1) * n, Cbar + i * n_pad);
+  T* abar = arena.take(m_pad * K);
+  T* cbarT = arena.take(K * n_pad);
   T* cbar = arena.take(n * K);
   T* partial = arena.take(kRowTile * K * kColTile);
   if (p == 1)
-    cost_backward<T, 1>(geo.a, geo.cT, sweep.Cbar, m, n, geo.n_pad, K, abar, cbarT, partial);
+    cost_backward<T, 1>(geo.a, geo.cT, Cbar, m_pad, n_pad, K, abar, cbarT, partial);
   else
-    cost_backward<T, 2>(geo.a, geo.cT, sweep.Cbar, m, n, geo.n_pad, K, abar, cbarT, partial);
+    cost_backward<T, 2>(geo.a, geo.cT, Cbar, m_pad, n_pad, K, abar, cbarT, partial);
   transpose(cbarT, K, n, geo.n_pad, cbar);
   load_rows_backward(geo.a, abar, m, K, temperature, grad_x);
   load_rows_backward(geo.c, cbar, n, K, temperature, grad_y);

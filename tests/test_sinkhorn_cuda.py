@@ -1,7 +1,8 @@
 """torch.ops.mlot.sinkhorn_loss on CUDA tensors (the Triton kernels, compiled) at real sizes:
-both regimes against the float64 reference, bf16 inputs, gradcheck, opcheck, torch.compile.
-Skipped without a CUDA GPU, and under the Triton interpreter."""
+both regimes (on-chip in both forms) against the float64 reference, bf16 inputs, gradcheck,
+opcheck, torch.compile. Skipped without a CUDA GPU, and under the Triton interpreter."""
 
+import functools
 import os
 
 import pytest
@@ -28,17 +29,27 @@ CASES = [
 CASE_IDS = ["B{}-M{}-N{}-K{}-p{}-T{}-{}-{}-unit{}-detach{}".format(*c) for c in CASES]
 
 
+LOG_DOMAIN = functools.partial(sinkhorn_triton.choose_config, scaling=False)
+
+
+@pytest.mark.parametrize("form", ["default", "logdomain"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_matches_float64_reference(gen, case, dtype):
+def test_matches_float64_reference(gen, case, dtype, form):
+    """The op (the on-chip scaling form or the tiled kernels) and, on the on-chip cases, the
+    log-domain form against the float64 reference."""
     B, M, N, K, p, temperature, kind, lengths, unit, detach = case
+    if form == "logdomain" and not LOG_DOMAIN(M, N).onchip:
+        pytest.skip("the log-domain form is on-chip only")
+    loss_fn = (mlot_kernels.sinkhorn_loss if form == "default" else
+               functools.partial(sinkhorn_triton.sinkhorn_loss, config=LOG_DOMAIN(M, N)))
     x, y, xl, yl = make_problem(gen, B, M, N, K, kind, lengths)
     weights = torch.rand(B, generator=gen, dtype=torch.float64) + 0.5
     opts = dict(epsilon=0.1, n_iters=20, temperature=temperature, p=p, unit_marginals=unit,
                 detach_plan=detach)
     expected = value_and_grads(reference.sinkhorn_loss, x, y, weights, xl, yl, **opts)
     cuda = lambda t: None if t is None else t.cuda()
-    actual = value_and_grads(mlot_kernels.sinkhorn_loss, x.to(dtype).cuda(), y.to(dtype).cuda(),
+    actual = value_and_grads(loss_fn, x.to(dtype).cuda(), y.to(dtype).cuda(),
                              weights.cuda(), cuda(xl), cuda(yl), **opts)
     assert actual[0].dtype == dtype and actual[0].is_cuda
     for a, e in zip(actual, expected):
@@ -61,8 +72,9 @@ def test_bf16_inputs_compute_in_float32(gen, M, N):
 
 
 @pytest.mark.parametrize("config", [sinkhorn_triton.Config(onchip=True),
+                                    sinkhorn_triton.Config(onchip=True, scaling=False),
                                     sinkhorn_triton.Config(onchip=False, block_own=16, block_other=16)],
-                         ids=["onchip", "tiled"])
+                         ids=["onchip", "onchip-logdomain", "tiled"])
 def test_gradcheck(gen, config):
     x, y, xl, yl = make_problem(gen, 2, 9, 7, 5, "logits", "random")
     x, y, xl, yl = x.cuda(), y.cuda(), xl.cuda(), yl.cuda()

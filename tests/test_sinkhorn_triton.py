@@ -1,6 +1,8 @@
 """The Triton kernels of sinkhorn_loss (mlot_kernels.ops.sinkhorn_triton) under the Triton interpreter on
-CPU tensors: both regimes, forced with small tiles, against the float64 reference; gradcheck;
-opcheck through the op's schema; numerics at the edges. CUDA runs are in test_sinkhorn_cuda.py."""
+CPU tensors: both regimes (on-chip in the scaling form, streamed in several row chunks, and in
+the log domain; tiled, forced with small tiles) against the float64 reference; gradcheck;
+opcheck through the op's schema; numerics at the edges, and the scaling form's absorptions and
+log-domain fallback forced. CUDA runs are in test_sinkhorn_cuda.py."""
 
 import functools
 import os
@@ -15,8 +17,17 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the Triton interpreter is off (TRITON_INTERPRET=1)")
 
 CONFIGS = {
-    "onchip": sinkhorn_triton.Config(onchip=True),
+    "scaling": sinkhorn_triton.Config(onchip=True, chunk_rows=4),
+    "logdomain": sinkhorn_triton.Config(onchip=True, scaling=False),
     "tiled": sinkhorn_triton.Config(onchip=False, block_own=4, block_other=8),
+}
+# The scaling form with its stability rules forced: tau = 30 (float32) absorbs on its own at
+# epsilon = 1e-3 with costs near 2; tau = 0.5 absorbs at most steps; sum_floor = inf trusts
+# no sum, so every row and column runs in the log domain and the backward re-bases each step.
+STABILITY_CONFIGS = {
+    "dtype-thresholds": sinkhorn_triton.Config(onchip=True, chunk_rows=2),
+    "tau0.5": sinkhorn_triton.Config(onchip=True, chunk_rows=2, tau=0.5),
+    "no-sum-trusted": sinkhorn_triton.Config(onchip=True, chunk_rows=2, sum_floor=float("inf")),
 }
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
@@ -209,19 +220,80 @@ def test_out_of_range_lengths_give_nan(gen, config):
     assert torch.isnan(loss[1:]).all() and torch.equal(loss[:1], good)
 
 
+def nearly_disjoint(gen, shape, first_half):
+    """Probability rows with almost all their mass on one half of the K entries (the first or
+    the second): with p = 1 the costs between the two kinds are all near 2."""
+    z = 2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    half = shape[-1] // 2
+    if first_half:
+        z[..., half:] -= 6
+    else:
+        z[..., :half] -= 6
+    return torch.softmax(z, dim=-1)
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["exact", "detached"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("config", STABILITY_CONFIGS.values(), ids=STABILITY_CONFIGS.keys())
+def test_scaling_form_absorptions_and_fallback(gen, config, dtype, detach):
+    """epsilon = 1e-3 with costs near 2 (C/eps ~ 2000), absorptions and the log-domain
+    fallback forced: loss and both gradients equal the float64 reference. float32 exact
+    gradients to 3e-3: their terms are C/eps times the result, and the float32 reference
+    itself is 1e-3 off there."""
+    x = nearly_disjoint(gen, (2, 7, 6), first_half=True)
+    y = nearly_disjoint(gen, (2, 5, 6), first_half=False)
+    xl, yl = torch.tensor([7, 4]), torch.tensor([5, 3])
+    weights = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    opts = dict(epsilon=1e-3, n_iters=5, p=1, detach_plan=detach)
+    expected = value_and_grads(reference.sinkhorn_loss, x, y, weights, xl, yl, **opts)
+    actual = value_and_grads(triton_loss(config), x.to(dtype), y.to(dtype), weights, xl, yl, **opts)
+    loss_tol = TOL[dtype]
+    grad_tol = TOL[dtype] if dtype == torch.float64 or detach else 3e-3
+    for a, e, rtol in zip(actual, expected, (loss_tol, grad_tol, grad_tol)):
+        assert torch.isfinite(a).all()
+        assert_close_rel(a, e, rtol)
+
+
+def test_gradcheck_scaling_form_absorbing(gen):
+    """The exact gradient through absorptions and re-bases (tau = 0.5) is the derivative of
+    the loss (float64, fast-mode gradcheck)."""
+    x, y, xl, yl = make_problem(gen, 2, 5, 4, 3, "logits", "random")
+    fn = lambda a, b: sinkhorn_triton.sinkhorn_loss(a, b, xl, yl, 0.05, 4, 1.0, 1, False,
+                                                    config=STABILITY_CONFIGS["tau0.5"])
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), y.requires_grad_()), fast_mode=True)
+
+
 def test_bad_arguments_raise_the_ops_errors():
-    """sinkhorn_loss checks its arguments as the op does; Config its tile sizes."""
+    """sinkhorn_loss checks its arguments as the op does; Config its tile sizes, chunk rows and
+    the scaling form's thresholds."""
     with pytest.raises(RuntimeError, match=r"sinkhorn_loss: p must be 1 or 2, got 3"):
         sinkhorn_triton.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 4), p=3)
     with pytest.raises(RuntimeError, match=r"same vector size K"):
         sinkhorn_triton.sinkhorn_loss(torch.rand(2, 3, 4), torch.rand(2, 5, 6))
+    Config = sinkhorn_triton.Config
     with pytest.raises(ValueError, match=r"Config: block_other must be a power of 2, got 12"):
-        sinkhorn_triton.Config(onchip=False, block_other=12)
+        Config(onchip=False, block_other=12)
+    with pytest.raises(ValueError, match=r"Config: chunk_rows must be a power of 2, got 3"):
+        Config(onchip=True, chunk_rows=3)
+    with pytest.raises(ValueError, match=r"Config: scaling must be a bool, got 1"):
+        Config(onchip=True, scaling=1)
+    for tau in (0, -1.0, float("inf"), float("nan"), "30", True):
+        with pytest.raises(ValueError, match=r"Config: tau must be a finite number > 0 .*, got "):
+            Config(onchip=True, tau=tau)
+    for floor in (0.0, -1e-12, float("nan"), "1e-12"):
+        with pytest.raises(ValueError, match=r"Config: sum_floor must be a number > 0, inf "
+                                             r"allowed .*, got "):
+            Config(onchip=True, sum_floor=floor)
+    Config(onchip=True, tau=0.5, sum_floor=float("inf"), chunk_rows=1)
 
 
 def test_regime_choice():
-    """On-chip up to 256 x 256 padded entries, tiled beyond."""
+    """On-chip (the scaling form unless the log-domain one is asked for) up to 256 x 256
+    padded entries, tiled beyond."""
     assert sinkhorn_triton.choose_config(128, 128).onchip
+    assert sinkhorn_triton.choose_config(128, 128).scaling
+    assert not sinkhorn_triton.choose_config(128, 128, scaling=False).scaling
+    assert not sinkhorn_triton.choose_config(257, 256, scaling=False).onchip
     assert sinkhorn_triton.choose_config(256, 200).onchip
     assert not sinkhorn_triton.choose_config(257, 256).onchip
     assert not sinkhorn_triton.choose_config(16, 8192).onchip

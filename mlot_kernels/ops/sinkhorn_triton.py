@@ -34,8 +34,40 @@ potentials, so the exact gradient through every iteration is the reverse sweep
 Two regimes, each one program per problem or per row tile, all ``B`` problems in one grid; each
 program reads its own lengths and does no work past them:
 
-- on-chip (``next_pow2(M) * next_pow2(N) <= ONCHIP_MAX_ENTRIES``): one program holds a whole
-  problem's cost matrix in registers; the forward is one launch, the backward one launch.
+- on-chip (``next_pow2(M) * next_pow2(N) <= ONCHIP_MAX_ENTRIES``): one program per problem; the
+  forward is one launch, the backward one launch. Two forms (``Config.scaling``):
+
+  - the scaling form (the default; the CPU kernel's algorithm, csrc/sinkhorn_cpu.cpp) computes
+    the same numbers as ``f = alpha + eps log u``, ``g = beta + eps log v`` with the Gibbs kernel
+    ``G_ij = exp((alpha_i + beta_j - C_ij)/eps)``: the f-step is ``r = G v``,
+    ``log u = l_a - log r``, the g-step ``s = G^T u``, ``log v = l_b - log s``, and
+    ``loss = sum_ij u_i G_ij v_j C_ij`` (``sum exp(-C/eps) C`` when ``n_iters = 0``). A sum that
+    is not finite or below ``sum_floor`` is not trusted: that row (column) is computed exactly
+    in the log domain instead. When some ``|log u_i|`` or ``|log v_j|`` exceeds ``tau`` the
+    scalings are absorbed: ``alpha = f``, ``beta = g``, ``u = v = 1``, ``G`` recomputed. The
+    thresholds are the CPU's (:data:`STABILITY`: tau = 30 and sum_floor = 1e-12 in float32, 200
+    and 1e-180 in float64; ``Config.tau``, ``Config.sum_floor`` override them). The backward
+    rebuilds each plan as ``diag(U) G diag(V)``: one scaling from the saved potential, the other
+    normalising the plan by its own sums (columns for pi^g, rows for pi^f), so that they sum to
+    1 to rounding as the softmax's do; the reference is re-based onto the step's own potentials
+    when a scaling leaves ``[e^-tau, e^tau]`` or a sum is not trusted (for pi^f the chunks to
+    re-base, all when V leaves the range, else those whose row sums are not trusted, take their
+    rows from ``(f^t, g^{t-1})`` directly, and G is re-based after the pass). The common path
+    of an iteration does no exp per entry: the forward reads G twice (the f-step's pass, the
+    g-step's), the backward reads G and Cbar and writes Cbar once.
+    Layout: C, G (and the backward's Cbar) live in a per-problem global scratch [BM, BN]
+    (BM, BN = next_pow2(M), next_pow2(N); it stays in L1/L2), streamed in row chunks of BR
+    whole rows by BN columns (:func:`chunk_rows`: ``BR * BN <= chunk_budget``, 4 float32 or 2
+    float64 entries per thread), so a pass has each chunk's row sums whole and accumulates its
+    column sums; row vectors (the saved potentials, ``log u``, ``fbar^T``) are read per chunk
+    from global memory, column vectors stay in registers, and the softmaxed rows are written
+    once by columns (aT [K, BM], cT [K, BN]) for the cost and its gradient.
+  - the log-domain form (``Config(onchip=True, scaling=False)``) holds a whole problem's cost
+    matrix in registers and runs every half-step as a log-sum-exp, one exp per entry per
+    half-iteration. It spills (ptxas, sm_90: 1.1 KB per thread in the 128 x 128 float32
+    forward, 20 KB in the 256 x 256 exact backward) where the scaling form spills nothing; the
+    compile-time model (benchmarks/kernel_resources.py) has neither ahead everywhere, so a GPU
+    run of both decides.
 - tiled (longer problems): flash-style, a program owns a tile of rows (or columns) and streams
   the other side in tiles with an online log-sum-exp, recomputing each cost tile from the K-dim
   vectors; working set O((M + N) (K + n_iters)) per problem, no M x N buffer. Each half-step
@@ -52,6 +84,7 @@ before ``mlot_kernels`` is imported): that is how CI checks them.
 
 import dataclasses
 import functools
+import math
 
 import torch
 import triton
@@ -70,6 +103,11 @@ TILE_OTHER = 64
 TILED_NUM_WARPS = 8
 # Largest K chunk read at once for the softmax statistics and its backward.
 MAX_BLOCK_K = 64
+# Scaling form: 32-bit registers per thread of a streamed chunk (4 float32 or 2 float64
+# entries; see chunk_budget).
+CHUNK_REGISTERS_PER_THREAD = 4
+# Scaling form: the absorption threshold tau and the trusted-sum floor per compute dtype.
+STABILITY = {torch.float32: (30.0, 1e-12), torch.float64: (200.0, 1e-180)}
 
 
 # ---------------------------------------------------------------- rows, cost, lengths
@@ -127,12 +165,17 @@ def _cost(x_ptr, rows, rmask, xmx, xinv, y_ptr, cols, cmask, ymx, yinv, K, inv_t
     for l in range(K):
         a = _column(x_ptr, rows, rmask, l, K, xmx, xinv, inv_t, SOFTMAX, DTYPE)
         c = _column(y_ptr, cols, cmask, l, K, ymx, yinv, inv_t, SOFTMAX, DTYPE)
-        d = a[:, None] - c[None, :]
-        if P == 1:
-            C += tl.abs(d)
-        else:
-            C += d * d
+        C += _cost_term(a[:, None] - c[None, :], P)
     return C
+
+
+@triton.jit
+def _cost_term(d, P: tl.constexpr):
+    """|d|^p for d = a - c."""
+    if P == 1:
+        return tl.abs(d)
+    else:
+        return d * d
 
 
 @triton.jit
@@ -208,7 +251,7 @@ def _log_marginal(length, UNIT: tl.constexpr, DTYPE: tl.constexpr):
         return -tl.log(tl.maximum(length, 1).to(DTYPE))
 
 
-# ---------------------------------------------------------------- on-chip regime
+# ---------------------------------------------------------------- on-chip regime, log domain
 #
 # One program holds a whole problem: C [BM, BN] stays in registers. Every plan is normalised by
 # its own sums (_softmax_lines): the loss P = e^{l_b} softmax_i((f^T_i - C_ij)/eps) (the last
@@ -342,6 +385,463 @@ def _onchip_backward_kernel(
         tl.debug_barrier()
         _softmax_backward(abar_ptr, x_ptr, gx_ptr, rows, rmask, K, xmx, xinv, inv_t, BM, BLOCK_K, DTYPE)
         _softmax_backward(cbar_ptr, y_ptr, gy_ptr, cols, cmask, K, ymx, yinv, inv_t, BN, BLOCK_K, DTYPE)
+
+
+# ---------------------------------------------------------------- on-chip regime, scaling form
+#
+# One program per problem, as above, but C, G and (backward) Cbar live in a per-problem global
+# scratch [BM, BN] (it stays in L1/L2), streamed in row chunks of BR whole rows x BN columns:
+# a chunk is a few registers per thread, its row sums are complete, its column sums accumulate
+# across chunks. Row vectors live in global memory (f_hist, g_hist, log u, fbar^T) and are
+# loaded per chunk; column vectors stay in registers. The reference potentials are always saved
+# ones, alpha = f^{a_idx} and beta = g^{b_idx} (f^0 = g^0 = 0), so they are held as two indices.
+# Both sides' softmaxed rows are written once, by columns, into aT [K, BM] and cT [K, BN]. A
+# debug_barrier separates a pass that writes the scratch from one that reads it, and guards the
+# few places where a chunk reads what the same pass wrote or overwrites what it read.
+
+
+@triton.jit
+def _any(mask):
+    """1 when some entry of the 1-D mask is set, else 0 (the same scalar in every thread)."""
+    return tl.max(tl.where(mask, 1, 0), 0)
+
+
+@triton.jit
+def _trusted(sums, floor):
+    """A kernel-scaling sum is trusted when finite and >= floor (NaN is not)."""
+    return (sums >= floor) & (sums < float("inf"))
+
+
+@triton.jit
+def _out_of_range(log_scale, mask, tau):
+    """1 when some |log_scale| on mask exceeds tau or is NaN, else 0."""
+    return _any(mask & ~(tl.abs(log_scale) <= tau))
+
+
+@triton.jit
+def _gibbs(alpha, beta, C, mask2, inv_eps):
+    """G_ij = exp((alpha_i + beta_j - C_ij)/eps) on mask2, 0 elsewhere."""
+    return tl.where(mask2, tl.exp((alpha[:, None] + beta[None, :] - C) * inv_eps), 0.0)
+
+
+@triton.jit
+def _scaled(sums, ref, lmarg, eps, floor):
+    """The potential ref + eps*(lmarg - log sums), its log-scaling lmarg - log sums, and
+    whether each sum is trusted."""
+    log_scale = lmarg - tl.log(sums)
+    return ref + eps * log_scale, log_scale, _trusted(sums, floor)
+
+
+@triton.jit
+def _row_potential(h, C, cmask, lmarg, eps, inv_eps):
+    """eps*lmarg - eps*LSE_j((h_j - C_ij)/eps) for each row of C: the exact log-domain step."""
+    S = tl.where(cmask[None, :], h[None, :] - C, float("-inf"))
+    mx = tl.max(S, 1)
+    return eps * lmarg - mx - eps * tl.log(tl.sum(tl.exp((S - mx[:, None]) * inv_eps), 1))
+
+
+@triton.jit
+def _rows_by_columns(z_ptr, out_ptr, length, K, inv_t, SOFTMAX: tl.constexpr,
+                     DTYPE: tl.constexpr, WIDTH: tl.constexpr, BV: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """out[l, i] = softmax(z_i/T)_l (z_il itself when T = 0) for the `length` valid rows i of
+    z [*, K], BV rows at once: the rows by columns, out [K, WIDTH]."""
+    for i0 in range(0, length, BV):
+        idx = i0 + tl.arange(0, BV)
+        mask = idx < length
+        mx, inv_sum = _softmax_stats(z_ptr, idx, mask, K, inv_t, SOFTMAX, BV, BLOCK_K, DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            m2 = mask[:, None] & (ks < K)[None, :]
+            z = tl.load(z_ptr + idx[:, None] * K + ks[None, :], mask=m2, other=0.0).to(DTYPE)
+            if SOFTMAX:
+                z = tl.exp((z - mx[:, None]) * inv_t) * inv_sum[:, None]
+            tl.store(out_ptr + ks[None, :] * WIDTH + idx[:, None], z, mask=m2)
+
+
+@triton.jit
+def _chunk_cost(at_ptr, rows, rmask, ct_ptr, cols, cmask, K, P: tl.constexpr,
+                DTYPE: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """C_ij = sum_l |a_il - c_jl|^p for the chunk's rows and every column (from aT, cT)."""
+    C = tl.zeros([BR, BN], DTYPE)
+    for l in range(K):
+        a = tl.load(at_ptr + l * BM + rows, mask=rmask, other=0.0)
+        c = tl.load(ct_ptr + l * BN + cols, mask=cmask, other=0.0)
+        C += _cost_term(a[:, None] - c[None, :], P)
+    return C
+
+
+@triton.jit
+def _scaling_forward_kernel(
+    x_ptr, y_ptr, xl_ptr, yl_ptr, loss_ptr, f_ptr, g_ptr, work_ptr, lu_ptr, at_ptr, ct_ptr,
+    M, N, K, n_iters, eps_hi, eps_lo, t_hi, t_lo, tau, log_floor,
+    HAS_XL: tl.constexpr, HAS_YL: tl.constexpr, SOFTMAX: tl.constexpr, P: tl.constexpr,
+    UNIT: tl.constexpr, DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BR: tl.constexpr, BV: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One problem per program: n_iters scaling-form iterations and the loss.
+
+    Passes over the scratch (C at work, G after it): the first builds C and G = exp(-C/eps)
+    chunk by chunk; then per iteration an f-step pass (reads G: r = G v, log u and f per row,
+    stored) and a g-step pass (reads G: s = G^T u, then log v and g). An absorption makes the
+    next pass rebuild its chunks of G from C instead of reading them; a sum that is not trusted
+    runs that row (in its chunk) or column (one more pass) exactly in the log domain. The loss
+    pass reads G and C.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    m, m_ok = _length(xl_ptr, b, M, HAS_XL)
+    n, n_ok = _length(yl_ptr, b, N, HAS_YL)
+    m, n = m.to(tl.int32), n.to(tl.int32)  # 32-bit row and column offsets
+    eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
+    x_ptr += b * M * K
+    y_ptr += b * N * K
+    f_ptr += b * (n_iters + 1) * M
+    g_ptr += b * (n_iters + 1) * N
+    c_ptr = work_ptr + b * 2 * BM * BN
+    G_ptr = c_ptr + BM * BN
+    lu_ptr += b * BM
+    at_ptr += b * K * BM
+    ct_ptr += b * K * BN
+
+    tau = tl.cast(tau, DTYPE)
+    floor = tl.exp(tl.cast(log_floor, DTYPE))
+    loss = tl.zeros([], DTYPE)
+    if (m > 0) & (n > 0):
+        _rows_by_columns(x_ptr, at_ptr, m, K, inv_t, SOFTMAX, DTYPE, BM, BV, BLOCK_K)
+        _rows_by_columns(y_ptr, ct_ptr, n, K, inv_t, SOFTMAX, DTYPE, BN, BV, BLOCK_K)
+        la = _log_marginal(m, UNIT, DTYPE)
+        lb = _log_marginal(n, UNIT, DTYPE)
+        cols = tl.arange(0, BN)
+        cmask = cols < n
+        tile = tl.arange(0, BR)[:, None] * BN + cols[None, :]
+        # C, and G = exp(-C/eps) at alpha = beta = 0
+        tl.debug_barrier()
+        for r0 in range(0, m, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < m
+            C = _chunk_cost(at_ptr, rows, rmask, ct_ptr, cols, cmask, K, P, DTYPE, BR, BM, BN)
+            tl.store(c_ptr + (r0 * BN + tile), C)
+            G = tl.where(rmask[:, None] & cmask[None, :], tl.exp(-C * inv_eps), 0.0)
+            tl.store(G_ptr + (r0 * BN + tile), G)
+        v = cmask.to(DTYPE)
+        a_idx = tl.zeros([], tl.int32)  # alpha = f^{a_idx}
+        b_idx = tl.zeros([], tl.int32)  # beta = g^{b_idx}
+        absorbed = tl.zeros([], tl.int32)  # 1: this pass re-bases (alpha, beta), u = v = 1
+        u_unit = tl.full([], 1, tl.int32)  # 1: u = 1 (no f-step yet, or the last g-step re-based)
+        for t in range(1, n_iters + 1):
+            # f-step: r = G v, log u = la - log r, f = alpha + eps log u
+            tl.debug_barrier()
+            if absorbed > 0:  # onto (f^{t-1}, g^{t-1})
+                a_idx = t - 1
+                b_idx = t - 1
+            big = tl.zeros([], tl.int32)
+            for r0 in range(0, m, BR):
+                rows = r0 + tl.arange(0, BR)
+                rmask = rows < m
+                alpha = tl.load(f_ptr + a_idx * M + rows, mask=rmask, other=0.0)
+                if absorbed > 0:
+                    beta = tl.load(g_ptr + b_idx * N + cols, mask=cmask, other=0.0)
+                    G = _gibbs(alpha, beta, tl.load(c_ptr + (r0 * BN + tile)),
+                               rmask[:, None] & cmask[None, :], inv_eps)
+                    tl.store(G_ptr + (r0 * BN + tile), G)
+                else:
+                    G = tl.load(G_ptr + (r0 * BN + tile))
+                f, log_u, ok = _scaled(tl.sum(G * v[None, :], 1), alpha, la, eps, floor)
+                if _any(rmask & ~ok) > 0:
+                    g = tl.load(g_ptr + (t - 1) * N + cols, mask=cmask, other=0.0)
+                    exact = _row_potential(g, tl.load(c_ptr + (r0 * BN + tile)), cmask, la, eps,
+                                           inv_eps)
+                    f = tl.where(ok, f, exact)
+                    log_u = tl.where(ok, log_u, (exact - alpha) * inv_eps)
+                tl.store(f_ptr + t * M + rows, f, mask=rmask)
+                tl.store(lu_ptr + rows, log_u, mask=rmask)
+                big = tl.maximum(big, _out_of_range(log_u, rmask, tau))
+            absorbed = big
+
+            # g-step: s = G^T u, log v = lb - log s, g = beta + eps log v
+            tl.debug_barrier()
+            if absorbed > 0:  # onto (f^t, g^{t-1})
+                a_idx = t
+                b_idx = t - 1
+            s = tl.zeros([BN], DTYPE)
+            for r0 in range(0, m, BR):
+                rows = r0 + tl.arange(0, BR)
+                rmask = rows < m
+                if absorbed > 0:
+                    alpha = tl.load(f_ptr + t * M + rows, mask=rmask, other=0.0)
+                    beta = tl.load(g_ptr + b_idx * N + cols, mask=cmask, other=0.0)
+                    G = _gibbs(alpha, beta, tl.load(c_ptr + (r0 * BN + tile)),
+                               rmask[:, None] & cmask[None, :], inv_eps)
+                    tl.store(G_ptr + (r0 * BN + tile), G)
+                    u = rmask.to(DTYPE)
+                else:
+                    G = tl.load(G_ptr + (r0 * BN + tile))
+                    u = tl.where(rmask, tl.exp(tl.load(lu_ptr + rows, mask=rmask, other=0.0)), 0.0)
+                s += tl.sum(G * u[:, None], 0)
+            beta = tl.load(g_ptr + b_idx * N + cols, mask=cmask, other=0.0)
+            g, log_v, ok = _scaled(s, beta, lb, eps, floor)
+            if _any(cmask & ~ok) > 0:  # those columns exactly: an online LSE over the chunks
+                mx = tl.full([BN], float("-inf"), DTYPE)
+                total = tl.zeros([BN], DTYPE)
+                for r0 in range(0, m, BR):
+                    rows = r0 + tl.arange(0, BR)
+                    rmask = rows < m
+                    f = tl.load(f_ptr + t * M + rows, mask=rmask, other=0.0)
+                    S = tl.where(rmask[:, None], f[:, None] - tl.load(c_ptr + (r0 * BN + tile)),
+                                 float("-inf"))
+                    new = tl.maximum(mx, tl.max(S, 0))
+                    safe = tl.where(new == float("-inf"), 0.0, new)
+                    total = (total * tl.exp((mx - safe) * inv_eps)
+                             + tl.sum(tl.exp((S - safe[None, :]) * inv_eps), 0))
+                    mx = new
+                exact = eps * lb - mx - eps * tl.log(total)
+                g = tl.where(ok, g, exact)
+                log_v = tl.where(ok, log_v, (exact - beta) * inv_eps)
+            log_v = tl.where(cmask, log_v, 0.0)
+            tl.store(g_ptr + t * N + cols, g, mask=cmask)
+            u_unit = absorbed
+            absorbed = _out_of_range(log_v, cmask, tau)
+            if absorbed > 0:
+                v = cmask.to(DTYPE)
+            else:
+                v = tl.where(cmask, tl.exp(log_v), 0.0)
+
+        # loss = sum_ij u_i G_ij v_j C_ij
+        tl.debug_barrier()
+        if absorbed > 0:  # onto (f^T, g^T)
+            a_idx = n_iters
+            b_idx = n_iters
+        for r0 in range(0, m, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < m
+            C = tl.load(c_ptr + (r0 * BN + tile))
+            if absorbed > 0:
+                alpha = tl.load(f_ptr + a_idx * M + rows, mask=rmask, other=0.0)
+                beta = tl.load(g_ptr + b_idx * N + cols, mask=cmask, other=0.0)
+                G = _gibbs(alpha, beta, C, rmask[:, None] & cmask[None, :], inv_eps)
+                u = rmask.to(DTYPE)
+            else:
+                G = tl.load(G_ptr + (r0 * BN + tile))
+                if u_unit > 0:
+                    u = rmask.to(DTYPE)
+                else:
+                    u = tl.where(rmask, tl.exp(tl.load(lu_ptr + rows, mask=rmask, other=0.0)), 0.0)
+            loss += tl.sum(u * tl.sum(G * v[None, :] * C, 1), 0)
+    tl.store(loss_ptr + b, tl.where(m_ok & n_ok, loss, float("nan")))
+
+
+@triton.jit
+def _scaling_backward_kernel(
+    grad_ptr, x_ptr, y_ptr, xl_ptr, yl_ptr, f_ptr, g_ptr, abar_ptr, cbar_ptr, gx_ptr, gy_ptr,
+    work_ptr, fbar_ptr, at_ptr, ct_ptr,
+    M, N, K, n_iters, eps_hi, eps_lo, t_hi, t_lo, tau, log_floor,
+    HAS_XL: tl.constexpr, HAS_YL: tl.constexpr, SOFTMAX: tl.constexpr, P: tl.constexpr,
+    UNIT: tl.constexpr, DETACH: tl.constexpr, DTYPE: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One problem per program: the reverse sweep in the scaling form, then the cost backward
+    into abar, cbar (the gradients themselves when T = 0) and the softmax backward.
+
+    Passes over the scratch (C, G, Cbar): the loss term's two (build C and G at (f^T, g^T)
+    with its column sums; then Cbar, fbar^T, gbar^T; detach_plan: neither the second nor the
+    sweep, Cbar = grad P is formed in the cost backward), then one pass per iteration t
+    (reads G and Cbar, writes Cbar): the g-step's fbar^t -= pi^g gbar^t and its Cbar term, the
+    f-step's row sums, gbar^{t-1} and its Cbar term, and the next g-step's column sums. A
+    re-base (a scaling out of [e^-tau, e^tau], a sum not trusted) adds a pass that rebuilds G
+    from C; where it is the f-step's, the iteration's pass first takes the chunks' rows of
+    pi^f from C.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    m, m_ok = _length(xl_ptr, b, M, HAS_XL)
+    n, n_ok = _length(yl_ptr, b, N, HAS_YL)
+    m, n = m.to(tl.int32), n.to(tl.int32)  # 32-bit row and column offsets
+    eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
+    x_ptr += b * M * K
+    y_ptr += b * N * K
+    abar_ptr += b * M * K
+    cbar_ptr += b * N * K
+    gx_ptr += b * M * K
+    gy_ptr += b * N * K
+    f_ptr += b * (n_iters + 1) * M
+    g_ptr += b * (n_iters + 1) * N
+    c_ptr = work_ptr + b * 3 * BM * BN
+    G_ptr = c_ptr + BM * BN
+    cb_ptr = G_ptr + BM * BN
+    fbar_ptr += b * BM
+    at_ptr += b * K * BM
+    ct_ptr += b * K * BN
+    grad = tl.load(grad_ptr + b).to(DTYPE)
+    grad = tl.where(m_ok & n_ok, grad, float("nan"))
+    tau = tl.cast(tau, DTYPE)
+    floor = tl.exp(tl.cast(log_floor, DTYPE))
+
+    if (m > 0) & (n > 0):
+        _rows_by_columns(x_ptr, at_ptr, m, K, inv_t, SOFTMAX, DTYPE, BM, BV, BLOCK_K)
+        _rows_by_columns(y_ptr, ct_ptr, n, K, inv_t, SOFTMAX, DTYPE, BN, BV, BLOCK_K)
+        tl.debug_barrier()
+        lb = _log_marginal(n, UNIT, DTYPE)
+        cols = tl.arange(0, BN)
+        cmask = cols < n
+        tile = tl.arange(0, BR)[:, None] * BN + cols[None, :]
+
+        # Loss term: G at (f^T, g^T), P = G diag(V) with V = e^{lb} / (column sums) (T >= 1)
+        a_idx = n_iters  # alpha = f^{a_idx}
+        b_idx = n_iters  # beta = g^{b_idx}
+        g_T = tl.load(g_ptr + n_iters * N + cols, mask=cmask, other=0.0)
+        colsum = tl.zeros([BN], DTYPE)
+        for r0 in range(0, m, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < m
+            C = _chunk_cost(at_ptr, rows, rmask, ct_ptr, cols, cmask, K, P, DTYPE, BR, BM, BN)
+            if not DETACH:
+                tl.store(c_ptr + (r0 * BN + tile), C)
+            f_T = tl.load(f_ptr + n_iters * M + rows, mask=rmask, other=0.0)
+            G = _gibbs(f_T, g_T, C, rmask[:, None] & cmask[None, :], inv_eps)
+            tl.store(G_ptr + (r0 * BN + tile), G)
+            colsum += tl.sum(G, 0)
+        if n_iters > 0:
+            V_loss = tl.where(cmask, tl.exp(lb) / colsum, 0.0)
+        else:
+            V_loss = cmask.to(DTYPE)
+        tl.debug_barrier()
+
+        if not DETACH:
+            # Cbar = grad P (1 - C/eps), fbar^T = grad (P C) 1 / eps, gbar^T = grad (P C)^T 1 / eps
+            gbar = tl.zeros([BN], DTYPE)
+            for r0 in range(0, m, BR):
+                rows = r0 + tl.arange(0, BR)
+                plan = tl.load(G_ptr + (r0 * BN + tile)) * V_loss[None, :]
+                PC = plan * tl.load(c_ptr + (r0 * BN + tile))
+                tl.store(cb_ptr + (r0 * BN + tile), grad * (plan - PC * inv_eps))
+                tl.store(fbar_ptr + rows, grad * tl.sum(PC, 1) * inv_eps, mask=rows < m)
+                gbar += grad * tl.sum(PC, 0) * inv_eps
+            u_ok = tl.full([], 1, tl.int32)  # U^T = exp((f^T - alpha)/eps) = 1
+            for s in range(n_iters):
+                t = n_iters - s
+                tl.debug_barrier()
+                # g^t = g-step(f^t): pi^g = diag(U) G diag(V), U from f^t, V normalises columns
+                if (u_ok == 0) | (_any(cmask & ~_trusted(colsum, floor)) > 0):
+                    a_idx = t  # re-base onto (f^t, g^t): U = 1
+                    b_idx = t
+                    g_t = tl.load(g_ptr + t * N + cols, mask=cmask, other=0.0)
+                    colsum = tl.zeros([BN], DTYPE)
+                    for r0 in range(0, m, BR):
+                        rows = r0 + tl.arange(0, BR)
+                        rmask = rows < m
+                        f_t = tl.load(f_ptr + t * M + rows, mask=rmask, other=0.0)
+                        G = _gibbs(f_t, g_t, tl.load(c_ptr + (r0 * BN + tile)),
+                                   rmask[:, None] & cmask[None, :], inv_eps)
+                        tl.store(G_ptr + (r0 * BN + tile), G)
+                        colsum += tl.sum(G, 0)
+                    tl.debug_barrier()
+                w = tl.where(cmask, gbar / colsum, 0.0)  # V gbar^t
+                # f^t = f-step(g^{t-1}): pi^f = diag(U') G diag(V'), V' from g^{t-1}, U'
+                # normalises rows. V' out of range, or a chunk's row sums not trusted: that
+                # chunk's rows of pi^f from (f^t, g^{t-1}) itself, and G re-based after the pass
+                log_v = (tl.load(g_ptr + (t - 1) * N + cols, mask=cmask, other=0.0)
+                         - tl.load(g_ptr + b_idx * N + cols, mask=cmask, other=0.0)) * inv_eps
+                rebase = _out_of_range(log_v, cmask, tau)
+                V_f = tl.where(cmask, tl.exp(log_v), 0.0)
+                gsum = tl.zeros([BN], DTYPE)  # -gbar^{t-1}
+                next_sum = tl.zeros([BN], DTYPE)  # the next g-step's column sums
+                next_big = tl.zeros([], tl.int32)
+                fell_back = tl.zeros([], tl.int32)
+                for r0 in range(0, m, BR):
+                    rows = r0 + tl.arange(0, BR)
+                    rmask = rows < m
+                    G = tl.load(G_ptr + (r0 * BN + tile))
+                    f_t = tl.load(f_ptr + t * M + rows, mask=rmask, other=0.0)
+                    alpha = tl.load(f_ptr + a_idx * M + rows, mask=rmask, other=0.0)
+                    U = tl.where(rmask, tl.exp((f_t - alpha) * inv_eps), 0.0)
+                    # fbar^t = (loss term at t = T) - U (G w);  Cbar += diag(U) G diag(w)
+                    if t == n_iters:
+                        fbar = tl.load(fbar_ptr + rows, mask=rmask, other=0.0)
+                    else:
+                        fbar = tl.zeros([BR], DTYPE)
+                    fbar -= U * tl.sum(G * w[None, :], 1)
+                    Cb = tl.load(cb_ptr + (r0 * BN + tile)) + G * (U[:, None] * w[None, :])
+                    G_f = G
+                    V_chunk = V_f
+                    row_sum = tl.sum(G * V_f[None, :], 1)
+                    own = tl.maximum(rebase, _any(rmask & ~_trusted(row_sum, floor)))
+                    if own > 0:
+                        g_prev = tl.load(g_ptr + (t - 1) * N + cols, mask=cmask, other=0.0)
+                        G_f = _gibbs(f_t, g_prev, tl.load(c_ptr + (r0 * BN + tile)),
+                                     rmask[:, None] & cmask[None, :], inv_eps)
+                        V_chunk = cmask.to(DTYPE)
+                        row_sum = tl.sum(G_f, 1)
+                    fell_back = tl.maximum(fell_back, own)
+                    # gbar^{t-1} = -pi^f^T fbar^t;  Cbar += diag(fbar^t) pi^f
+                    w_f = tl.where(rmask, fbar / row_sum, 0.0)
+                    term = G_f * (w_f[:, None] * V_chunk[None, :])
+                    tl.store(cb_ptr + (r0 * BN + tile), Cb + term)
+                    gsum += tl.sum(term, 0)
+                    # the next g-step's U = exp((f^{t-1} - alpha)/eps) at this pass's reference
+                    f_prev = tl.load(f_ptr + (t - 1) * M + rows, mask=rmask, other=0.0)
+                    log_u = (f_prev - alpha) * inv_eps
+                    next_big = tl.maximum(next_big, _out_of_range(log_u, rmask, tau))
+                    next_sum += tl.sum(G * tl.where(rmask, tl.exp(log_u), 0.0)[:, None], 0)
+                if fell_back > 0:
+                    a_idx = t
+                    b_idx = t - 1
+                if (fell_back > 0) & (t > 1):
+                    # re-base onto (f^t, g^{t-1}), as the chunks that fell back did, with the
+                    # next g-step's column sums
+                    tl.debug_barrier()
+                    g_prev = tl.load(g_ptr + (t - 1) * N + cols, mask=cmask, other=0.0)
+                    next_sum = tl.zeros([BN], DTYPE)
+                    next_big = tl.zeros([], tl.int32)
+                    for r0 in range(0, m, BR):
+                        rows = r0 + tl.arange(0, BR)
+                        rmask = rows < m
+                        f_t = tl.load(f_ptr + t * M + rows, mask=rmask, other=0.0)
+                        G = _gibbs(f_t, g_prev, tl.load(c_ptr + (r0 * BN + tile)),
+                                   rmask[:, None] & cmask[None, :], inv_eps)
+                        tl.store(G_ptr + (r0 * BN + tile), G)
+                        f_prev = tl.load(f_ptr + (t - 1) * M + rows, mask=rmask, other=0.0)
+                        log_u = (f_prev - f_t) * inv_eps
+                        next_big = tl.maximum(next_big, _out_of_range(log_u, rmask, tau))
+                        next_sum += tl.sum(G * tl.where(rmask, tl.exp(log_u), 0.0)[:, None], 0)
+                gbar = -gsum
+                colsum = next_sum
+                u_ok = 1 - next_big
+
+        # Cost backward: abar_il = sum_j Cbar_ij dC_ij/da_il, cbar_jl = -sum_i Cbar_ij dC_ij/da_il
+        tl.debug_barrier()
+        if not SOFTMAX:
+            abar_ptr = gx_ptr
+            cbar_ptr = gy_ptr
+        for r0 in range(0, m, BR):
+            rows = r0 + tl.arange(0, BR)
+            rmask = rows < m
+            if DETACH:
+                Cb = grad * tl.load(G_ptr + (r0 * BN + tile)) * V_loss[None, :]
+            else:
+                Cb = tl.load(cb_ptr + (r0 * BN + tile))
+            Cb = tl.where(rmask[:, None] & cmask[None, :], Cb, 0.0)
+            for l in range(K):
+                a = tl.load(at_ptr + l * BM + rows, mask=rmask, other=0.0)
+                c = tl.load(ct_ptr + l * BN + cols, mask=cmask, other=0.0)
+                W = Cb * _cost_grad(a[:, None] - c[None, :], P)
+                tl.store(abar_ptr + rows * K + l, tl.sum(W, 1), mask=rmask)
+                acc = tl.load(cbar_ptr + cols * K + l, mask=cmask, other=0.0)
+                tl.store(cbar_ptr + cols * K + l, acc - tl.sum(W, 0), mask=cmask)
+            tl.debug_barrier()  # the next chunk reads this one's cbar
+        if SOFTMAX:
+            for r0 in range(0, m, BV):
+                idx = r0 + tl.arange(0, BV)
+                mask = idx < m
+                mx, inv_sum = _softmax_stats(x_ptr, idx, mask, K, inv_t, SOFTMAX, BV, BLOCK_K,
+                                             DTYPE)
+                _softmax_backward(abar_ptr, x_ptr, gx_ptr, idx, mask, K, mx, inv_sum, inv_t, BV,
+                                  BLOCK_K, DTYPE)
+            for j0 in range(0, n, BV):
+                idx = j0 + tl.arange(0, BV)
+                mask = idx < n
+                mx, inv_sum = _softmax_stats(y_ptr, idx, mask, K, inv_t, SOFTMAX, BV, BLOCK_K,
+                                             DTYPE)
+                _softmax_backward(cbar_ptr, y_ptr, gy_ptr, idx, mask, K, mx, inv_sum, inv_t, BV,
+                                  BLOCK_K, DTYPE)
 
 
 # ---------------------------------------------------------------- tiled regime
@@ -566,25 +1066,69 @@ def _tiled_gradient_kernel(
 class Config:
     """Launch configuration: the on-chip regime (one program per problem), or the tiled one
     with tiles of block_own x block_other cost entries; num_warps per program (the default is
-    the tiled regime's; choose_config sizes the on-chip one by the problem)."""
+    the tiled regime's; choose_config sizes the on-chip one by the problem).
+
+    On-chip only: ``scaling`` selects the scaling-form kernels (True) or the log-domain ones
+    (False); ``tau`` and ``sum_floor`` override the dtype's absorption threshold and trusted-sum
+    floor (:data:`STABILITY`; ``sum_floor=float('inf')`` trusts no sum, so every half-step runs
+    in the log domain); ``chunk_rows`` overrides the rows per streamed chunk (a power of 2;
+    default :func:`chunk_rows`). The tiled regime ignores them.
+    """
 
     onchip: bool
     block_own: int = TILE_OWN
     block_other: int = TILE_OTHER
     num_warps: int = TILED_NUM_WARPS
+    scaling: bool = True
+    tau: float | None = None
+    sum_floor: float | None = None
+    chunk_rows: int | None = None
 
     def __post_init__(self):
-        for name in ("block_own", "block_other", "num_warps"):
+        for name in ("block_own", "block_other", "num_warps", "chunk_rows"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1 and value & (value - 1) == 0):
+            if name == "chunk_rows" and value is None:
+                continue
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                    and value & (value - 1) == 0):
                 raise ValueError(f"Config: {name} must be a power of 2, got {value!r}")
+        if not isinstance(self.scaling, bool):
+            raise ValueError(f"Config: scaling must be a bool, got {self.scaling!r}")
+        if self.tau is not None and not (_is_real(self.tau) and 0 < self.tau < math.inf):
+            raise ValueError("Config: tau must be a finite number > 0 (None: the dtype's "
+                             f"threshold), got {self.tau!r}")
+        if self.sum_floor is not None and not (_is_real(self.sum_floor) and self.sum_floor > 0):
+            raise ValueError("Config: sum_floor must be a number > 0, inf allowed (None: the "
+                             f"dtype's floor), got {self.sum_floor!r}")
 
 
-def choose_config(M: int, N: int) -> Config:
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def choose_config(M: int, N: int, scaling: bool = True) -> Config:
+    """The tiled regime past ONCHIP_MAX_ENTRIES padded entries, else the on-chip scaling form
+    with 4 or 16 warps by size (``scaling=False``: the log-domain form, with 4, 8 or 16)."""
     entries = triton.next_power_of_2(M) * triton.next_power_of_2(N)
     if entries > ONCHIP_MAX_ENTRIES:
         return Config(onchip=False)
-    return Config(onchip=True, num_warps=4 if entries <= 4096 else 8 if entries <= 16384 else 16)
+    if scaling:
+        return Config(onchip=True, num_warps=4 if entries <= 4096 else 16)
+    return Config(onchip=True, scaling=False,
+                  num_warps=4 if entries <= 4096 else 8 if entries <= 16384 else 16)
+
+
+def chunk_budget(num_warps: int, compute: torch.dtype) -> int:
+    """Entries of a streamed block of the scaling form: CHUNK_REGISTERS_PER_THREAD 32-bit
+    registers per thread, 32 * num_warps threads."""
+    per_thread = CHUNK_REGISTERS_PER_THREAD * 4 // compute.itemsize
+    return per_thread * 32 * num_warps
+
+
+def chunk_rows(BM: int, BN: int, num_warps: int, compute: torch.dtype) -> int:
+    """Rows BR per streamed chunk [BR, BN] of the scaling form: BR * BN <= chunk_budget, at
+    least one row (a whole row is a chunk's least) and at most BM."""
+    return max(1, min(BM, chunk_budget(num_warps, compute) // BN))
 
 
 def _split(value: float):
@@ -602,6 +1146,25 @@ def _common(K, compute, epsilon, temperature, p, unit_marginals):
         UNIT=unit_marginals, DTYPE=tl.float64 if compute == torch.float64 else tl.float32,
         BLOCK_K=min(triton.next_power_of_2(K), MAX_BLOCK_K),
     )
+
+
+def _scaling_args(x, y, compute, config, common, matrices):
+    """Scratch and arguments of a scaling-form launch: work [B, matrices, BM, BN] (C, G and
+    the backward's Cbar), a row vector [B, BM] (log u, or fbar^T), the softmaxed rows by
+    columns aT [B, K, BM] and cT [B, K, BN]; the thresholds (tau, log of the sum floor) and
+    the chunk sizes."""
+    B, M, K = x.shape
+    BM, BN = triton.next_power_of_2(M), triton.next_power_of_2(y.shape[1])
+    tau, floor = STABILITY[compute]
+    tau = tau if config.tau is None else config.tau
+    floor = floor if config.sum_floor is None else config.sum_floor
+    BR = config.chunk_rows or chunk_rows(BM, BN, config.num_warps, compute)
+    budget = chunk_budget(config.num_warps, compute)
+    new = functools.partial(torch.empty, dtype=compute, device=x.device)
+    scratch = (new(B, matrices, BM, BN), new(B, BM), new(B, K, BM), new(B, K, BN))
+    sizes = dict(BM=BM, BN=BN, BR=min(BR, BM),
+                 BV=max(1, min(max(BM, BN), budget // common["BLOCK_K"])))
+    return scratch, dict(tau=float(tau), log_floor=math.log(floor)), sizes
 
 
 class _Tiled:
@@ -670,6 +1233,14 @@ def sinkhorn_forward(x, y, x_lengths, y_lengths, epsilon, n_iters, temperature, 
         return loss, f_hist, g_hist
     config = config or choose_config(M, N)
     common = _common(K, compute, epsilon, temperature, p, unit_marginals)
+    if config.onchip and config.scaling:
+        scratch, stab, sizes = _scaling_args(x, y, compute, config, common, 2)
+        _scaling_forward_kernel[(B,)](
+            x, y, x if x_lengths is None else x_lengths, x if y_lengths is None else y_lengths,
+            loss, f_hist, g_hist, *scratch, M, N, K, n_iters, **stab,
+            HAS_XL=x_lengths is not None, HAS_YL=y_lengths is not None,
+            num_warps=config.num_warps, **sizes, **common)
+        return loss, f_hist, g_hist
     if config.onchip:
         _onchip_forward_kernel[(B,)](
             x, y, x if x_lengths is None else x_lengths, x if y_lengths is None else y_lengths,
@@ -714,6 +1285,14 @@ def sinkhorn_backward(grad, x, y, x_lengths, y_lengths, f_hist, g_hist, epsilon,
     # Gradients with respect to the softmaxed rows, before the softmax backward.
     abar = torch.zeros_like(grad_x) if temperature > 0 else grad_x
     cbar = torch.zeros_like(grad_y) if temperature > 0 else grad_y
+    if config.onchip and config.scaling:
+        scratch, stab, sizes = _scaling_args(x, y, compute, config, common, 3)
+        _scaling_backward_kernel[(B,)](
+            grad, x, y, x if x_lengths is None else x_lengths, x if y_lengths is None else y_lengths,
+            f_hist, g_hist, abar, cbar, grad_x, grad_y, *scratch, M, N, K, T, **stab,
+            HAS_XL=x_lengths is not None, HAS_YL=y_lengths is not None, DETACH=detach_plan,
+            num_warps=config.num_warps, **sizes, **common)
+        return grad_x.to(x.dtype), grad_y.to(y.dtype)
     if config.onchip:
         _onchip_backward_kernel[(B,)](
             grad, x, y, x if x_lengths is None else x_lengths, x if y_lengths is None else y_lengths,

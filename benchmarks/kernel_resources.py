@@ -770,17 +770,21 @@ MODEL = dict(device="H100 SXM5 / H200 (sm_90)", sms=132, clock_ghz=1.755, issue=
 def model_cycles(counts, warps, model=MODEL):
     """Modelled cycles on one SM for one pass over a stretch of code with static (per thread)
     `counts`, run by `warps` warps: the largest over the pipes of its warp instructions (counts
-    x warps) over the pipe's throughput per SM per clock; with the pipe that bounds it."""
+    x warps) over the pipe's throughput per SM per clock; with the pipe that bounds it. The
+    issue slots, FP32, MUFU and FP64 units belong to the 4 sub-partitions, a warp to one of
+    them: those pipes take ceil(warps / 4) warps at a quarter of the SM's rate, so fewer than
+    4 warps leave units idle. Shared memory and L1 serve the whole SM."""
     get = lambda key: counts.get(key, 0)  # noqa: E731
+    per_partition = -(-warps // 4) * 4  # warps' worth of cycles on the busiest sub-partition
     pipes = dict(
-        issue=get("instructions") / model["issue"],
-        fp32=get("fp32") * 32 / model["fp32"],
-        mufu=(get("mufu_ex2") + get("mufu_other")) * 32 / model["mufu"],
-        fp64=get("fp64") * 32 / model["fp64"],
-        shared=(get("lds_bytes") + get("sts_bytes")) * 32 / model["shared_bytes"],
-        memory=(get("global_bytes") + get("local_bytes")) * 32 / model["global_bytes"])
+        issue=per_partition * get("instructions") / model["issue"],
+        fp32=per_partition * get("fp32") * 32 / model["fp32"],
+        mufu=per_partition * (get("mufu_ex2") + get("mufu_other")) * 32 / model["mufu"],
+        fp64=per_partition * get("fp64") * 32 / model["fp64"],
+        shared=warps * (get("lds_bytes") + get("sts_bytes")) * 32 / model["shared_bytes"],
+        memory=warps * (get("global_bytes") + get("local_bytes")) * 32 / model["global_bytes"])
     bound = max(pipes, key=pipes.get)
-    return warps * pipes[bound], bound
+    return pipes[bound], bound
 
 
 def _path(blocks, cost, pick, forced):
@@ -1142,7 +1146,8 @@ def render(result):
             f"dearest path. **Model, not a measurement**: {m['device']}, per SM per clock "
             f"{m['issue']} warp instructions issued, {m['fp32']} FP32, {m['mufu']} MUFU and "
             f"{m['fp64']} FP64 results, {m['shared_bytes']} B shared, {m['global_bytes']} B "
-            "global or local; a stretch of code takes its largest pipe time, a loop its trips "
+            "global or local (the first four in 4 sub-partitions, one per warp: fewer than 4 "
+            "warps leave some idle); a stretch of code takes its largest pipe time, a loop its trips "
             "times that of its body and nested loops, a program its code outside loops once "
             f"and its loops, a launch ⌈programs / {m['sms']}⌉ programs' time at "
             f"{m['clock_ghz']} GHz. No latency, dependency, occupancy or cache-miss effects. "

@@ -205,7 +205,8 @@ def test_sass_if_else_in_a_loop_is_two_paths(probes):
 
 
 def test_model_arithmetic_on_hand_made_counts():
-    """model_cycles: the largest pipe's time times the warps; model_launch: the code outside
+    """model_cycles: the largest pipe's time times the warps (at least 4 for the
+    sub-partitions' pipes: issue, FP32, MUFU, FP64); model_launch: the code outside
     loops once, each loop's trips times its body (the cheapest or dearest path through a choice)
     and its nested loops, ⌈programs / 132⌉ waves at 1.755 GHz."""
     m = kernel_resources
@@ -213,11 +214,13 @@ def test_model_arithmetic_on_hand_made_counts():
     # memory 16*32/64 = 8 cycles
     counts = dict(instructions=100, fp32=40, mufu_ex2=10, lds_bytes=64, global_bytes=16)
     assert m.model_cycles(counts, 8) == (200, "issue")
-    assert m.model_cycles(dict(instructions=40, mufu_ex2=6, mufu_other=4), 2) == (40, "mufu")
+    # 2 warps use 2 of the 4 sub-partitions: MUFU 20 x 4, not 20 x 2; shared memory is the SM's
+    assert m.model_cycles(dict(instructions=40, mufu_ex2=6, mufu_other=4), 2) == (80, "mufu")
+    assert m.model_cycles(dict(instructions=4, lds_bytes=64), 2) == (32, "shared")
     assert m.model_cycles(dict(instructions=4, lds_bytes=32, sts_bytes=32), 1) == (16, "shared")
     assert m.model_cycles(dict(instructions=4, ldl=2, local_bytes=16, global_bytes=16), 1) == (
         16, "memory")
-    assert m.model_cycles(dict(instructions=4, fp64=8), 1) == (4, "fp64")
+    assert m.model_cycles(dict(instructions=4, fp64=8), 1) == (16, "fp64")
 
     loop = dict(where="k.py:1", via=[], source="for t in range(n_iters)", depth=0)
     analysis = dict(instructions=0, outside=dict(instructions=40), loops=[

@@ -57,7 +57,7 @@ program reads its own lengths and does no work past them:
     g-step's), the backward reads G and Cbar and writes Cbar once.
     Layout: C, G (and the backward's Cbar) live in a per-problem global scratch [BM, BN]
     (BM, BN = next_pow2(M), next_pow2(N); it stays in L1/L2), streamed in row chunks of BR
-    whole rows by BN columns (:func:`chunk_rows`: ``BR * BN <= chunk_budget``, 4 float32 or 2
+    whole rows by BN columns (:func:`chunk_rows`: ``BR * BN <= chunk_budget``, 8 float32 or 4
     float64 entries per thread), so a pass has each chunk's row sums whole and accumulates its
     column sums; row vectors (the saved potentials, ``log u``, ``fbar^T``) are read per chunk
     from global memory, column vectors stay in registers, and the softmaxed rows are written
@@ -103,9 +103,11 @@ TILE_OTHER = 64
 TILED_NUM_WARPS = 8
 # Largest K chunk read at once for the softmax statistics and its backward.
 MAX_BLOCK_K = 64
-# Scaling form: 32-bit registers per thread of a streamed chunk (4 float32 or 2 float64
-# entries; see chunk_budget).
-CHUNK_REGISTERS_PER_THREAD = 4
+# Scaling form: 32-bit registers per thread of a streamed chunk (8 float32 or 4 float64
+# entries; see chunk_budget). With 8 warps at 128 x 128 this is the largest chunk (16 rows)
+# whose kernels compile without spills; the compile-time model (benchmarks/kernel_resources.py)
+# gives it 0.59x the forward + exact backward time of 4 registers at 16 warps.
+CHUNK_REGISTERS_PER_THREAD = 8
 # Scaling form: the absorption threshold tau and the trusted-sum floor per compute dtype.
 STABILITY = {torch.float32: (30.0, 1e-12), torch.float64: (200.0, 1e-180)}
 
@@ -317,6 +319,16 @@ def _onchip_forward_kernel(
 
 
 @triton.jit
+def _backward_pointers(b, M, N, K, n_iters, x_ptr, y_ptr, abar_ptr, cbar_ptr, gx_ptr, gy_ptr,
+                       f_ptr, g_ptr):
+    """A backward program's pointers moved to problem b: its rows of x, y, their gradients
+    (before and after the softmax backward) and its saved potentials."""
+    return (x_ptr + b * M * K, y_ptr + b * N * K, abar_ptr + b * M * K, cbar_ptr + b * N * K,
+            gx_ptr + b * M * K, gy_ptr + b * N * K, f_ptr + b * (n_iters + 1) * M,
+            g_ptr + b * (n_iters + 1) * N)
+
+
+@triton.jit
 def _onchip_backward_kernel(
     grad_ptr, x_ptr, y_ptr, xl_ptr, yl_ptr, f_ptr, g_ptr, abar_ptr, cbar_ptr, gx_ptr, gy_ptr,
     M, N, K, n_iters, eps_hi, eps_lo, t_hi, t_lo,
@@ -330,14 +342,8 @@ def _onchip_backward_kernel(
     m, m_ok = _length(xl_ptr, b, M, HAS_XL)
     n, n_ok = _length(yl_ptr, b, N, HAS_YL)
     eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
-    x_ptr += b * M * K
-    y_ptr += b * N * K
-    abar_ptr += b * M * K
-    cbar_ptr += b * N * K
-    gx_ptr += b * M * K
-    gy_ptr += b * N * K
-    f_ptr += b * (n_iters + 1) * M
-    g_ptr += b * (n_iters + 1) * N
+    x_ptr, y_ptr, abar_ptr, cbar_ptr, gx_ptr, gy_ptr, f_ptr, g_ptr = _backward_pointers(
+        b, M, N, K, n_iters, x_ptr, y_ptr, abar_ptr, cbar_ptr, gx_ptr, gy_ptr, f_ptr, g_ptr)
     grad = tl.load(grad_ptr + b).to(DTYPE)
     grad = tl.where(m_ok & n_ok, grad, float("nan"))
 
@@ -656,14 +662,8 @@ def _scaling_backward_kernel(
     n, n_ok = _length(yl_ptr, b, N, HAS_YL)
     m, n = m.to(tl.int32), n.to(tl.int32)  # 32-bit row and column offsets
     eps, inv_eps, inv_t = _options(eps_hi, eps_lo, t_hi, t_lo, SOFTMAX, DTYPE)
-    x_ptr += b * M * K
-    y_ptr += b * N * K
-    abar_ptr += b * M * K
-    cbar_ptr += b * N * K
-    gx_ptr += b * M * K
-    gy_ptr += b * N * K
-    f_ptr += b * (n_iters + 1) * M
-    g_ptr += b * (n_iters + 1) * N
+    x_ptr, y_ptr, abar_ptr, cbar_ptr, gx_ptr, gy_ptr, f_ptr, g_ptr = _backward_pointers(
+        b, M, N, K, n_iters, x_ptr, y_ptr, abar_ptr, cbar_ptr, gx_ptr, gy_ptr, f_ptr, g_ptr)
     c_ptr = work_ptr + b * 3 * BM * BN
     G_ptr = c_ptr + BM * BN
     cb_ptr = G_ptr + BM * BN
@@ -1108,12 +1108,12 @@ def _is_real(value) -> bool:
 
 def choose_config(M: int, N: int, scaling: bool = True) -> Config:
     """The tiled regime past ONCHIP_MAX_ENTRIES padded entries, else the on-chip scaling form
-    with 4 or 16 warps by size (``scaling=False``: the log-domain form, with 4, 8 or 16)."""
+    with 4 or 8 warps by size (``scaling=False``: the log-domain form, with 4, 8 or 16)."""
     entries = triton.next_power_of_2(M) * triton.next_power_of_2(N)
     if entries > ONCHIP_MAX_ENTRIES:
         return Config(onchip=False)
     if scaling:
-        return Config(onchip=True, num_warps=4 if entries <= 4096 else 16)
+        return Config(onchip=True, num_warps=4 if entries <= 4096 else 8)
     return Config(onchip=True, scaling=False,
                   num_warps=4 if entries <= 4096 else 8 if entries <= 16384 else 16)
 

@@ -1087,6 +1087,49 @@ def measure(arch=90, quick=False):
                 model=MODEL, rows=rows, sass=sass)
 
 
+def scaling_sweep(size, specs, dtype=torch.float32, arch=90):
+    """The on-chip scaling form's launches (forward, both backward modes) on a square case of
+    side ``size`` (B = 8 up to 128, as the paper's, else 4, as the 256 x 256 case of
+    :func:`cases`), compiled once per ``(num_warps, chunk_rows)`` spec (chunk_rows 0: the
+    default, :func:`mlot_kernels.ops.sinkhorn_triton.chunk_rows`): a row per spec and launch with
+    the chunk's rows BR, the registers, spill stores and the modelled µs per launch."""
+    from mlot_kernels.ops.sinkhorn_triton import Config
+
+    case = sinkhorn_cases.make_case(8 if size <= 128 else 4, size, seed=3, device="cuda")
+    rows = []
+    for warps, chunk in specs:
+        config = Config(onchip=True, num_warps=warps, chunk_rows=chunk or None)
+        for launch, calls in sinkhorn_launches(case, dtype, config):
+            compiled, cubin = _compile(launch, arch)
+            call = next(iter(calls))
+            model = model_launch(analyse_cubin(cubin), _names(launch, call), warps,
+                                 math.prod(call.grid))
+            constexprs = dict(launch.constexprs)
+            rows.append(dict(warps=warps, chunk_rows=constexprs["BR"], kernel=launch.name,
+                             detach=constexprs.get("DETACH"), registers=compiled["registers"],
+                             spill_stores=compiled["spill_stores"], model_us=model["us"]))
+    return rows
+
+
+def render_sweep(rows):
+    lines = ["| warps | chunk rows | kernel | registers | spill stores | model µs/launch |",
+             "| ---: | ---: | --- | ---: | ---: | ---: |"]
+    for row in rows:
+        kernel = row["kernel"] + (" (DETACH)" if row["detach"] else "")
+        lines.append(f"| {row['warps']} | {row['chunk_rows']} | {kernel} | {row['registers']} | "
+                     f"{row['spill_stores']} | {_cell(row['model_us'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _spec(text):
+    try:
+        warps, chunk = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a spec is WARPS,CHUNK_ROWS (0: the default chunk), got "
+                                         f"{text!r}") from None
+    return warps, chunk
+
+
 def _cell(value, digits=1):
     if value is None:
         return "?"
@@ -1205,9 +1248,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the suites' small quick cases")
     parser.add_argument("--out", help="write the Markdown report to this file")
     parser.add_argument("--json", help="write the rows as JSON to this file")
+    parser.add_argument("--sweep", nargs="+", type=_spec, metavar="WARPS,CHUNK_ROWS",
+                        help="instead of the report: the on-chip scaling form compiled and "
+                             "modelled per spec (chunk rows 0: the default)")
+    parser.add_argument("--sweep-size", type=int, default=128,
+                        help="the sweep's square problem side (default 128)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET"):
         sys.exit("benchmarks.kernel_resources: unset TRITON_INTERPRET (the kernels must compile)")
+    if args.sweep:
+        rows = scaling_sweep(args.sweep_size, args.sweep, arch=args.arch)
+        print(render_sweep(rows), end="")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return
     result = measure(args.arch, args.quick)
     text = render(result)
     print(text, end="")

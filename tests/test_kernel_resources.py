@@ -3,8 +3,10 @@ benchmarks/kernel_resources.py: the kernels CI runs under the interpreter are al
 the GPU compiler, in both Sinkhorn regimes, with float32, bfloat16 and float64 inputs and both
 gradient modes, and ptxas reports their registers and spills. The SASS analysis finds the loops
 of small kernels compiled here and counts what they hold; the model's arithmetic is checked on
-hand-made counts. The committed report is its JSON's rendering."""
+hand-made counts; --sweep compiles and models the scaling form per warps and chunk rows. The
+committed report is its JSON's rendering."""
 
+import argparse
 import inspect
 import json
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import triton
 import triton.language as tl
 
@@ -279,3 +282,34 @@ def test_committed_report_is_rendered_from_its_json():
     with open(COMMITTED + ".md") as f:
         assert f.read() == kernel_resources.render(result)
     assert result["arch"] == 90 and not result["quick"]
+
+
+@pytest.mark.slow
+def test_scaling_sweep_compiles_and_models_each_spec(tmp_path):
+    """--sweep: per (warps, chunk rows) spec the scaling form's forward and both backward modes,
+    compiled, with the chunk the launch used (0: chunk_rows's default), registers, spill stores
+    and a modelled time."""
+    out = tmp_path / "sweep.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--sweep", "4,0",
+                           "4,8", "--sweep-size", "16", "--json", str(out)], cwd=ROOT,
+                          env=_compiler_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "| warps | chunk rows | kernel |" in done.stdout
+    with open(out) as f:
+        rows = json.load(f)
+    default = sinkhorn_triton.chunk_rows(16, 16, 4, torch.float32)
+    assert [(row["warps"], row["chunk_rows"]) for row in rows] == [(4, default)] * 3 + [(4, 8)] * 3
+    for spec in (rows[:3], rows[3:]):
+        assert [(row["kernel"], row["detach"]) for row in spec] == [
+            ("_scaling_forward_kernel", None), ("_scaling_backward_kernel", False),
+            ("_scaling_backward_kernel", True)]
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["spill_stores"] >= 0 and row["model_us"] > 0
+
+
+def test_sweep_spec_names_what_it_expects():
+    assert kernel_resources._spec("8,16") == (8, 16)
+    for bad in ("8", "8,x", "8,16,2"):
+        with pytest.raises(argparse.ArgumentTypeError,
+                           match=r"a spec is WARPS,CHUNK_ROWS \(0: the default chunk\), got "):
+            kernel_resources._spec(bad)

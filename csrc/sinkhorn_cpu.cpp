@@ -364,13 +364,18 @@ struct GibbsKernel {
     }
   }
 
-  // out_j += sum_i u_i G_ij over the rows i0..i0+rows-1 only.
+  // out_j += sum_i u_i G_ij over the rows i0..i0+rows-1 only: kBlockVectors vectors of out at
+  // a time summed over the rows in registers (one load and store of out per block of rows).
   void add_rows(const T* u, int64_t i0, int64_t rows, T* out) const {
-    for (int64_t i = i0; i < i0 + rows; ++i) {
-      const T* Gi = G + i * n;
-      const T ui = u[i];
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) out[j] += Gi[j] * ui;
+    using S = Simd<T>;
+    constexpr int64_t lanes = S::kLanes, width = kBlockVectors * lanes;
+    int64_t j = 0;
+    for (; j + width <= n; j += width) add_rows_block<kBlockVectors>(u, i0, rows, j, out);
+    for (; j + lanes <= n; j += lanes) add_rows_block<1>(u, i0, rows, j, out);
+    for (; j < n; ++j) {
+      T total = out[j];
+      for (int64_t i = i0; i < i0 + rows; ++i) total += G[i * n + j] * u[i];
+      out[j] = total;
     }
   }
 
@@ -394,6 +399,18 @@ struct GibbsKernel {
   }
 
  private:
+  template <int NB>
+  void add_rows_block(const T* u, int64_t i0, int64_t rows, int64_t j0, T* out) const {
+    using S = Simd<T>;
+    typename S::V acc[NB];
+    for (int v = 0; v < NB; ++v) acc[v] = S::load(out + j0 + v * S::kLanes);
+    for (int64_t i = i0; i < i0 + rows; ++i) {
+      const auto ui = S::splat(u[i]);
+      for (int v = 0; v < NB; ++v) acc[v] += S::load(G + i * n + j0 + v * S::kLanes) * ui;
+    }
+    for (int v = 0; v < NB; ++v) S::store(out + j0 + v * S::kLanes, acc[v]);
+  }
+
   template <int NV>
   void times_n(std::array<const T*, NV> v, std::array<T*, NV> out, int64_t begin,
                int64_t end) const {
@@ -521,16 +538,19 @@ struct ForwardSolver {
   }
 
   // One iteration (an f-step, then a g-step) with one read of G: the f-step runs over blocks of
-  // kMatvecRows rows, and each block, still in cache, adds its rows into the g-step's column
-  // sums s = G^T u. That needs every row sum trusted and every scaling in range; otherwise
-  // (a fallback row or an absorption) the two steps run apart, from the start.
+  // kStepRows rows (whole vectors of the row updates' exp and log), and each block, still in
+  // cache, adds its rows into the g-step's column sums s = G^T u. That needs every row sum
+  // trusted and every scaling in range; otherwise (a fallback row or an absorption) the two
+  // steps run apart, from the start.
+  static constexpr int64_t kStepRows = 2 * kMatvecRows;
+
   void iterate() {
     const int64_t m = kernel.m, n = kernel.n;
     const T eps = kernel.eps;
     T* s = column_sums;
     std::fill(s, s + n, T(0));
-    for (int64_t i0 = 0; i0 < m; i0 += kMatvecRows) {
-      const int64_t rows = std::min(kMatvecRows, m - i0);
+    for (int64_t i0 = 0; i0 < m; i0 += kStepRows) {
+      const int64_t rows = std::min(kStepRows, m - i0);
       kernel.times_rows(v, i0, rows, log_scale + i0);
       int out = 0;
 #pragma omp simd reduction(| : out)

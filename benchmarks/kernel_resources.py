@@ -4,8 +4,9 @@ without one, with a modelled time per launch.
 The launchers of ``mlot_kernels.ops.sinkhorn_triton`` (Sinkhorn) and ``mlot_kernels.ops.topk_probs_triton`` run on
 CPU tensors with every ``*_kernel`` swapped for a recorder (nothing is computed), so each
 launch a case makes is recorded with its argument types, constexprs, ``num_warps``, grid and
-scalar arguments. Each distinct launch is then compiled by ``triton.compile`` for the target
-(``sm_90``: H100, H200) and ptxas's own report is read: registers per thread, spill stores and
+scalar arguments, each argument specialised as the JIT specialises it on a GPU (16-byte
+divisibility of addresses and integers, the integer 1 a constant). Each distinct launch is then
+compiled by ``triton.compile`` for the target (``sm_90``: H100, H200) and ptxas's own report is read: registers per thread, spill stores and
 loads (bytes) and the stack frame. Spilled values live in local memory, which on the GPU is a
 round trip through L1 and L2 for every use; these are compile-time facts, not timings.
 
@@ -50,41 +51,43 @@ import tempfile
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.runtime.jit import native_specialize_impl
 from triton.compiler import ASTSource
 
 from benchmarks import sinkhorn_cases, topk_cases
 
-_POINTEE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
-            torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 _PTXAS = re.compile(r"Used (\d+) registers")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """One distinct launch: the kernel, its Triton signature, constexprs and num_warps."""
+    """One distinct launch: the kernel, its Triton signature, constexprs, num_warps and the
+    arguments' attributes (``tt.divisibility``) as the JIT specialises them."""
 
     kernel: object  # triton.JITFunction
     signature: tuple  # ((argument name, Triton type), ...)
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
+    attrs: tuple = ()  # ((argument index, ((attribute, value), ...)), ...)
 
     @property
     def name(self):
         return self.kernel.__name__
 
 
-def _triton_type(name, value):
-    if isinstance(value, torch.Tensor):
-        return "*" + _POINTEE[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"kernel argument {name}: no Triton type for {type(value).__name__}")
+def _specialise(kernel, index, value):
+    """What a launch on the GPU makes of one argument, through the JIT's own specialisation:
+    (Triton type, attributes), a tensor (CPU tensors stand in: the JIT reads only their dtype
+    and address) or an integer divisible by 16 marked so, the integer 1 ("constexpr", [])."""
+    param = kernel.params[index]
+    if not isinstance(value, (torch.Tensor, bool, int, float)):
+        raise TypeError(f"kernel argument {param.name}: no Triton type for {type(value).__name__}")
+    kind, key = native_specialize_impl(BaseBackend, value, param.is_const,
+                                       not param.do_not_specialize,
+                                       not param.do_not_specialize_on_alignment)
+    return kind, BaseBackend.parse_attr(key) if isinstance(key, str) else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,20 +108,26 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, num_warps=4, **kwargs):
             bound = dict(zip(self.kernel.arg_names, args), **kwargs)
-            signature, constexprs, scalars = [], [], []
+            signature, constexprs, scalars, attrs = [], [], [], []
             for i, name in enumerate(self.kernel.arg_names):
                 if i in self.kernel.constexprs:
                     signature.append((name, "constexpr"))
                     constexprs.append((name, bound[name]))
-                else:
-                    signature.append((name, _triton_type(name, bound[name])))
-                    if not isinstance(bound[name], torch.Tensor):
-                        scalars.append((name, bound[name]))
+                    continue
+                kind, attributes = _specialise(self.kernel, i, bound[name])
+                signature.append((name, kind))
+                if kind == "constexpr":  # the integer 1
+                    constexprs.append((name, bound[name]))
+                if attributes:
+                    attrs.append((i, tuple(tuple(a) for a in attributes)))
+                if not isinstance(bound[name], torch.Tensor):
+                    scalars.append((name, bound[name]))
             programs = grid(bound) if callable(grid) else grid
             programs = programs if isinstance(programs, tuple) else (programs,)
             programs = tuple(int(g) for g in programs)
             calls = self.launches.setdefault(
-                Launch(self.kernel, tuple(signature), tuple(constexprs), num_warps), {})
+                Launch(self.kernel, tuple(signature), tuple(constexprs), num_warps, tuple(attrs)),
+                {})
             call = Call(programs, tuple(scalars))
             calls[call] = calls.get(call, 0) + 1
         return launch
@@ -207,7 +216,8 @@ def compile_launch(launch, arch=90):
 
 def _compile(launch, arch):
     """ptxas's report and the cubin (bytes)."""
-    source = ASTSource(launch.kernel, dict(launch.signature), dict(launch.constexprs))
+    source = ASTSource(launch.kernel, dict(launch.signature), dict(launch.constexprs),
+                       {(i,): [list(a) for a in attributes] for i, attributes in launch.attrs})
     log = io.StringIO()
     with _ptxas_log(), contextlib.redirect_stdout(log):
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),

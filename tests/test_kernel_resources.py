@@ -276,6 +276,24 @@ def test_loop_range_follows_helpers_to_the_kernel_arguments():
     assert source is not None and kernel_resources.loop_range([(path, 1)])[2] is None
 
 
+def test_recorded_launch_is_specialised_as_the_jit_does():
+    """A launch on the GPU marks a tensor at a 16-byte-aligned address and an integer divisible
+    by 16 with tt.divisibility 16, and compiles the integer 1 in as a constant; the recorded
+    launch, which the report compiles, says the same (an unaligned view and 33 stay plain)."""
+    kernel = triton.runtime.JITFunction(_branchy)
+    launches = {}
+    x = torch.randn(64)
+    kernel_resources._Recorder(kernel, launches)[(1,)](x, x[1:], 32, 1, BLOCK=16)
+    kernel_resources._Recorder(kernel, launches)[(1,)](x[1:], x, 33, 2, BLOCK=16)
+    first, second = launches
+    assert dict(first.signature) == {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_iters": "i32",
+                                     "every": "constexpr", "BLOCK": "constexpr"}
+    assert dict(first.constexprs) == {"every": 1, "BLOCK": 16}
+    assert first.attrs == ((0, (("tt.divisibility", 16),)), (2, (("tt.divisibility", 16),)))
+    assert dict(second.signature)["every"] == "i32" and dict(second.constexprs) == {"BLOCK": 16}
+    assert second.attrs == ((1, (("tt.divisibility", 16),)),)
+
+
 def test_committed_report_is_rendered_from_its_json():
     with open(COMMITTED + ".json") as f:
         result = json.load(f)

@@ -57,7 +57,7 @@ program reads its own lengths and does no work past them:
     g-step's), the backward reads G and Cbar and writes Cbar once.
     Layout: C, G (and the backward's Cbar) live in a per-problem global scratch [BM, BN]
     (BM, BN = next_pow2(M), next_pow2(N); it stays in L1/L2), streamed in row chunks of BR
-    whole rows by BN columns (:func:`chunk_rows`: ``BR * BN <= chunk_budget``, 8 float32 or 4
+    whole rows by BN columns (:func:`chunk_rows`: ``BR * BN <= chunk_budget``, 32 float32 or 16
     float64 entries per thread), so a pass has each chunk's row sums whole and accumulates its
     column sums; row vectors (the saved potentials, ``log u``, ``fbar^T``) are read per chunk
     from global memory, column vectors stay in registers, and the softmaxed rows are written
@@ -103,11 +103,17 @@ TILE_OTHER = 64
 TILED_NUM_WARPS = 8
 # Largest K chunk read at once for the softmax statistics and its backward.
 MAX_BLOCK_K = 64
-# Scaling form: 32-bit registers per thread of a streamed chunk (8 float32 or 4 float64
-# entries; see chunk_budget). With 8 warps at 128 x 128 this is the largest chunk (16 rows)
-# whose kernels compile without spills; the compile-time model (benchmarks/kernel_resources.py)
-# gives it 0.59x the forward + exact backward time of 4 registers at 16 warps.
-CHUNK_REGISTERS_PER_THREAD = 8
+# Scaling form: its warps, and the 32-bit registers per thread of a streamed chunk (32 float32
+# or 16 float64 entries; see chunk_budget). 4 warps with 32-register chunks (32 rows at
+# 128 x 128, 16 at 256 x 256) compile without spills at both sizes, and the compile-time model
+# (benchmarks/kernel_resources.py --sweep) gives them the least forward + exact backward time
+# of the warps and chunk sizes it compares, at both (benchmarks/results/sm90-scaling-sweep.md).
+SCALING_NUM_WARPS = 4
+CHUNK_REGISTERS_PER_THREAD = 32
+# ... and of its [BV, BLOCK_K] blocks of softmaxed rows (the softmax and the cost's gradient):
+# 16, spill-free at both sizes for float32 and bfloat16 inputs, where 32 spills in every
+# backward and 4 and 8 each in one plan-detached backward (256 x 256 float32; 128 x 128 bfloat16).
+BLOCK_REGISTERS_PER_THREAD = 16
 # Scaling form: the absorption threshold tau and the trusted-sum floor per compute dtype.
 STABILITY = {torch.float32: (30.0, 1e-12), torch.float64: (200.0, 1e-180)}
 
@@ -1108,20 +1114,22 @@ def _is_real(value) -> bool:
 
 def choose_config(M: int, N: int, scaling: bool = True) -> Config:
     """The tiled regime past ONCHIP_MAX_ENTRIES padded entries, else the on-chip scaling form
-    with 4 or 8 warps by size (``scaling=False``: the log-domain form, with 4, 8 or 16)."""
+    with SCALING_NUM_WARPS warps (``scaling=False``: the log-domain form, with 4, 8 or 16 by
+    size)."""
     entries = triton.next_power_of_2(M) * triton.next_power_of_2(N)
     if entries > ONCHIP_MAX_ENTRIES:
         return Config(onchip=False)
     if scaling:
-        return Config(onchip=True, num_warps=4 if entries <= 4096 else 8)
+        return Config(onchip=True, num_warps=SCALING_NUM_WARPS)
     return Config(onchip=True, scaling=False,
                   num_warps=4 if entries <= 4096 else 8 if entries <= 16384 else 16)
 
 
-def chunk_budget(num_warps: int, compute: torch.dtype) -> int:
-    """Entries of a streamed block of the scaling form: CHUNK_REGISTERS_PER_THREAD 32-bit
-    registers per thread, 32 * num_warps threads."""
-    per_thread = CHUNK_REGISTERS_PER_THREAD * 4 // compute.itemsize
+def chunk_budget(num_warps: int, compute: torch.dtype,
+                 registers: int = CHUNK_REGISTERS_PER_THREAD) -> int:
+    """Entries of a streamed block of the scaling form: ``registers`` 32-bit registers per
+    thread, 32 * num_warps threads."""
+    per_thread = registers * 4 // compute.itemsize
     return per_thread * 32 * num_warps
 
 
@@ -1159,7 +1167,7 @@ def _scaling_args(x, y, compute, config, common, matrices):
     tau = tau if config.tau is None else config.tau
     floor = floor if config.sum_floor is None else config.sum_floor
     BR = config.chunk_rows or chunk_rows(BM, BN, config.num_warps, compute)
-    budget = chunk_budget(config.num_warps, compute)
+    budget = chunk_budget(config.num_warps, compute, BLOCK_REGISTERS_PER_THREAD)
     new = functools.partial(torch.empty, dtype=compute, device=x.device)
     scratch = (new(B, matrices, BM, BN), new(B, BM), new(B, K, BM), new(B, K, BN))
     sizes = dict(BM=BM, BN=BN, BR=min(BR, BM),

@@ -6,9 +6,10 @@ CPU tensors with every ``*_kernel`` swapped for a recorder (nothing is computed)
 launch a case makes is recorded with its argument types, constexprs, ``num_warps``, grid and
 scalar arguments, each argument specialised as the JIT specialises it on a GPU (16-byte
 divisibility of addresses and integers, the integer 1 a constant). Each distinct launch is then
-compiled by ``triton.compile`` for the target (``sm_90``: H100, H200) and ptxas's own report is read: registers per thread, spill stores and
-loads (bytes) and the stack frame. Spilled values live in local memory, which on the GPU is a
-round trip through L1 and L2 for every use; these are compile-time facts, not timings.
+compiled by ``triton.compile`` for the target (``sm_90``: H100, H200) and ptxas's own report is
+read: registers per thread, spill stores and loads (bytes) and the stack frame. Spilled values
+live in local memory, which on the GPU is a round trip through L1 and L2 for every use; these
+are compile-time facts, not timings.
 
 The cubin is disassembled (``nvdisasm -g -gi``, once per distinct launch, alongside the next
 compilation) and its loops found (``analyse_sass``): a backward ``BRA`` closes a loop, loops
